@@ -1,0 +1,214 @@
+"""Python entry points: ``convert`` (file to file), ``apply_spinquant`` (a model in memory), ``analyze``."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from spinquant_onnx.errors import InputError, SpinQuantError, ValidationFailedError
+from spinquant_onnx.graph_index import GraphIndex
+from spinquant_onnx.graph_io import (
+    TensorStore,
+    commit_output,
+    discard_output,
+    load_model,
+    save_model,
+    set_tensor_data,
+    staging_dir,
+    uses_external_data,
+)
+from spinquant_onnx.match.residual import Stream, trace_stream
+from spinquant_onnx.match.roles import Roles, assign_roles
+from spinquant_onnx.rewrite.fuse_norms import plan_norm_fusion
+from spinquant_onnx.rewrite.plan import TensorPlan
+from spinquant_onnx.rewrite.rotate_r1 import plan_r1
+from spinquant_onnx.rotations import KINDS, make_rotation
+
+
+@dataclass
+class Options:
+    """What to do. Defaults are what a user who asked for nothing in particular should get."""
+
+    rotation: str = "hadamard"
+    seed: int = 0
+    block_size: int | None = None
+    validate: bool = False
+    providers: list[str] | None = None
+    threshold: float = 1e-4
+    in_place: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rotation not in KINDS:
+            raise SpinQuantError(f"unknown rotation '{self.rotation}': choose one of {', '.join(KINDS)}")
+
+
+@dataclass
+class Analysis:
+    """What the matcher found in a model."""
+
+    model: onnx.ModelProto
+    store: TensorStore
+    index: GraphIndex
+    stream: Stream
+    roles: Roles
+
+
+@dataclass
+class Report:
+    """What a run did, in a form that serializes to the JSON report."""
+
+    input: str | None
+    output: str | None
+    hidden: int
+    rotation: dict[str, Any]
+    norms_fused: int
+    weights_rotated: int
+    tensors_rewritten: list[dict[str, str]]
+    blocks: int
+    validation: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tool": "spinquant-onnx",
+            "input": self.input,
+            "output": self.output,
+            "hidden_size": self.hidden,
+            "rotation": self.rotation,
+            "blocks": self.blocks,
+            "norms_fused": self.norms_fused,
+            "weight_uses_rotated": self.weights_rotated,
+            "tensors_rewritten": self.tensors_rewritten,
+            "validation": self.validation,
+            "timings_s": self.timings,
+        }
+
+
+def analyze(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> Analysis:
+    """Run the matcher: the residual stream, its norms, readers and writers, and each weight's role."""
+    store = TensorStore(model, base_dir)
+    index = GraphIndex(model, store)
+    stream = trace_stream(index)
+    return Analysis(model, store, index, stream, assign_roles(index, stream))
+
+
+def _plan(analysis: Analysis, options: Options) -> tuple[TensorPlan, Report]:
+    rotation = make_rotation(options.rotation, analysis.stream.hidden, options.seed, options.block_size)
+    plan = TensorPlan()
+    fused = plan_norm_fusion(analysis.stream, analysis.store, plan)
+    rotated = plan_r1(analysis.stream, rotation, plan)
+    plan.finalize(analysis.index)
+    rewritten = [
+        {
+            "tensor": t.name,
+            "source": t.source,
+            "role": t.role,
+            "ops": " then ".join(
+                f"{op.kind}(axis {op.axis})" if op.kind != "fill" else f"fill({op.value:g})" for op in t.ops
+            ),
+        }
+        for t in plan.targets.values()
+    ]
+    report = Report(
+        input=None,
+        output=None,
+        hidden=analysis.stream.hidden,
+        rotation=rotation.describe(),
+        norms_fused=fused,
+        weights_rotated=rotated,
+        tensors_rewritten=rewritten,
+        blocks=len(analysis.roles.blocks),
+    )
+    return plan, report
+
+
+def _as_model_proto(target: Any) -> onnx.ModelProto:
+    """A ModelProto, or an object carrying one as AIMET's QuantizationSimModel does (``.model.model``)."""
+    if isinstance(target, onnx.ModelProto):
+        return target
+    inner = getattr(getattr(target, "model", None), "model", None)
+    if isinstance(inner, onnx.ModelProto):
+        return inner
+    raise SpinQuantError(
+        f"apply_spinquant expects an onnx.ModelProto or a QuantizationSimModel, got {type(target).__name__}"
+    )
+
+
+def apply_spinquant(model: Any, **options: Any) -> Report:
+    """Rewrite ``model`` (an ``onnx.ModelProto`` with its weights loaded) in place; returns the report.
+
+    Nothing is changed unless every step succeeds: the plan is computed first, every new tensor is
+    computed next, and only then are the initializers overwritten.
+    """
+    opts = Options(**options)
+    proto = _as_model_proto(model)
+    if uses_external_data(proto):
+        raise InputError(
+            "model has external data that is not loaded; load it with onnx.load(path) first "
+            "or use spinquant_onnx.convert(in_path, out_path)"
+        )
+    started = time.perf_counter()
+    analysis = analyze(proto)
+    plan, report = _plan(analysis, opts)
+    values = {name: plan.materialize(analysis.store, name) for name in plan.targets}
+    for name, array in values.items():
+        set_tensor_data(analysis.store.tensors[name], array)
+    report.timings["total"] = round(time.perf_counter() - started, 4)
+    if opts.validate:
+        raise SpinQuantError(
+            "validate=True needs the original model; use convert() or validate.compare_models"
+        )
+    return report
+
+
+def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: Any) -> Report:
+    """Read ``in_path``, rotate, optionally validate, and write ``out_path`` atomically.
+
+    The input is never modified. Output goes to a staging folder beside ``out_path`` and is moved into
+    place only after writing (and validation, if asked) succeeded, so a failure leaves no partial file.
+    """
+    opts = Options(**options)
+    in_path, out_path = Path(in_path), Path(out_path)
+    if in_path.resolve() == out_path.resolve() and not opts.in_place:
+        raise InputError(f"{out_path}: output is the input file; pass --in-place to overwrite it")
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    model = load_model(in_path)
+    analysis = analyze(model, in_path.parent)
+    plan, report = _plan(analysis, opts)
+    timings["analyze"] = round(time.perf_counter() - started, 4)
+    staging = staging_dir(out_path)
+    try:
+        mark = time.perf_counter()
+        staged = save_model(
+            model,
+            staging / out_path.name,
+            lambda name: plan.materialize(analysis.store, name),
+            external=True if uses_external_data(model) else None,
+        )
+        timings["rotate_and_write"] = round(time.perf_counter() - mark, 4)
+        if opts.validate:
+            from spinquant_onnx.validate import compare_models
+
+            mark = time.perf_counter()
+            result = compare_models(in_path, staged[0], providers=opts.providers, threshold=opts.threshold)
+            timings["validate"] = round(time.perf_counter() - mark, 4)
+            report.validation = result.to_dict()
+            if not result.passed:
+                raise ValidationFailedError(
+                    f"validation failed: logits relative L2 {result.rel_l2:.3g} "
+                    f"(threshold {opts.threshold:g}), "
+                    f"argmax agreement {result.argmax_agreement:.4f}; no output written"
+                )
+        commit_output(staged, out_path)
+    except BaseException:
+        discard_output(staging)
+        raise
+    timings["total"] = round(time.perf_counter() - started, 4)
+    report.input, report.output, report.timings = str(in_path), str(out_path), timings
+    return report

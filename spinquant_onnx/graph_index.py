@@ -1,0 +1,155 @@
+"""Producer/consumer index over an ONNX graph, and the few value look-ups the matchers need."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from spinquant_onnx.graph_io import TensorStore
+
+# Ops that pass a tensor through unchanged in value (for our purposes): a matcher looks through them.
+# QcQuantizeOp is AIMET's quantizer node; with quantizers disabled or not yet calibrated it is an identity.
+TRANSPARENT_OPS = frozenset({"Identity", "Cast", "QcQuantizeOp"})
+# Ops whose output does not depend on the values of their input.
+SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
+SMALL_CONSTANT = 4096
+
+
+@dataclass(frozen=True)
+class Use:
+    """One input slot of one node: the edge a rewrite may need to redirect."""
+
+    node: onnx.NodeProto
+    index: int
+
+
+class GraphIndex:
+    def __init__(self, model: onnx.ModelProto, store: TensorStore) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.store = store
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[Use]] = defaultdict(list)
+        self.node_order: dict[int, int] = {}
+        for position, node in enumerate(self.graph.node):
+            self.node_order[id(node)] = position
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for index, name in enumerate(node.input):
+                if name:
+                    self.consumers[name].append(Use(node, index))
+        self.graph_inputs = {i.name: i for i in self.graph.input if i.name not in store}
+        self.graph_outputs = {o.name for o in self.graph.output}
+        self.value_info = {
+            v.name: v for v in list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)
+        }
+
+    def rebuild(self) -> GraphIndex:
+        return GraphIndex(self.model, self.store)
+
+    def users(self, name: str) -> list[Use]:
+        return self.consumers.get(name, [])
+
+    def is_initializer(self, name: str) -> bool:
+        return name in self.store
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """Value of a small constant (initializer or Constant node output), else None."""
+        if name in self.store:
+            if self.store.nbytes(name) > SMALL_CONSTANT * 8:
+                return None
+            return np.asarray(self.store.array(name))
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+                if attr.name == "value_float":
+                    return np.array(attr.f, dtype=np.float32)
+                if attr.name == "value_floats":
+                    return np.array(list(attr.floats), dtype=np.float32)
+                if attr.name == "value_int":
+                    return np.array(attr.i, dtype=np.int64)
+                if attr.name == "value_ints":
+                    return np.array(list(attr.ints), dtype=np.int64)
+        return None
+
+    def scalar(self, name: str) -> float | None:
+        value = self.constant(name)
+        if value is None or value.size != 1:
+            return None
+        return float(value.reshape(()))
+
+    def static_shape(self, name: str) -> tuple[int | None, ...] | None:
+        if name in self.store:
+            return self.store.shape(name)
+        info = self.value_info.get(name)
+        if (
+            info is None
+            or not info.type.HasField("tensor_type")
+            or not info.type.tensor_type.HasField("shape")
+        ):
+            return None
+        return tuple(
+            d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim
+        )
+
+    def see_through_back(self, name: str) -> str:
+        """Follow a tensor back through transparent ops to its source."""
+        node = self.producer.get(name)
+        while node is not None and node.op_type in TRANSPARENT_OPS and node.input:
+            name = node.input[0]
+            node = self.producer.get(name)
+        return name
+
+    def value_users(self, name: str) -> list[Use]:
+        """Consumers of a tensor's value, looking through transparent ops and ignoring shape-only readers."""
+        result: list[Use] = []
+        for use in self.users(name):
+            if use.node.op_type in SHAPE_ONLY_OPS:
+                continue
+            if use.node.op_type in TRANSPARENT_OPS and use.index == 0:
+                for out in use.node.output:
+                    result.extend(self.value_users(out))
+            else:
+                result.append(use)
+        return result
+
+    def source_edge(self, node: onnx.NodeProto, slot: int) -> Use:
+        """The edge where the tensor feeding ``node.input[slot]`` is first read, behind transparent ops."""
+        name = node.input[slot]
+        current, current_slot = node, slot
+        producer = self.producer.get(name)
+        while producer is not None and producer.op_type in TRANSPARENT_OPS:
+            current, current_slot = producer, 0
+            name = producer.input[0]
+            producer = self.producer.get(name)
+        return Use(current, current_slot)
+
+    def exits_graph(self, name: str) -> str | None:
+        """The graph output this tensor's value reaches through transparent ops, if any."""
+        if name in self.graph_outputs:
+            return name
+        for use in self.users(name):
+            if use.node.op_type in TRANSPARENT_OPS and use.index == 0:
+                for out in use.node.output:
+                    found = self.exits_graph(out)
+                    if found:
+                        return found
+        return None
+
+    def attr(self, node: onnx.NodeProto, name: str, default=None):
+        for attribute in node.attribute:
+            if attribute.name == name:
+                return onnx.helper.get_attribute_value(attribute)
+        return default
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """How a node is named in messages: its name if it has one, else its op and first output."""
+    return f"'{node.name}' ({node.op_type})" if node.name else f"{node.op_type} -> '{node.output[0]}'"

@@ -1,0 +1,350 @@
+"""Hadamard matrices of every order reachable from Sylvester, Paley I/II and Kronecker products, and a fast
+transform that never builds the dense matrix.
+
+An order n is handled as n = m * 2**k: the 2**k part is a Sylvester factor applied with O(n log n)
+butterflies, the (small) base order m is a Paley matrix or a Kronecker product of Paley matrices, applied as
+one dense m x m product. The dense matrix is H_n = kron(base_matrix(m), sylvester(2**k)), i.e. the index is
+i = i_m * 2**k + i_2.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import numpy as np
+
+from spinquant_onnx.errors import UnsupportedSizeError
+
+__all__ = [
+    "base_matrix",
+    "decompose",
+    "fwht",
+    "hadamard_matrix",
+    "hadamard_transform",
+    "largest_supported_divisor",
+]
+
+# Temporaries used while building Jacobsthal matrices are capped at about this many elements per chunk.
+_CHUNK_ELEMS = 1 << 22
+# Innermost-axis transforms fuse their first log2(_FUSED) butterfly stages into one small GEMM.
+_FUSED = 16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Number theory
+
+
+def _prime_power(q: int) -> tuple[int, int] | None:
+    """(p, k) with q = p**k for a prime p, or None: Paley constructions need a finite field of order q."""
+    if q < 2:
+        return None
+    p = next((d for d in range(2, math.isqrt(q) + 1) if q % d == 0), q)
+    k = 0
+    while q % p == 0:
+        q //= p
+        k += 1
+    return (p, k) if q == 1 else None
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _paley_kind(m: int) -> int | None:
+    """1 or 2 if a Paley I / Paley II matrix of order m exists (Paley I preferred), else None."""
+    q1 = _prime_power(m - 1)
+    if q1 is not None and (m - 1) % 4 == 3:
+        return 1
+    if m % 2 == 0:
+        q2 = _prime_power(m // 2 - 1)
+        if q2 is not None and (m // 2 - 1) % 4 == 1:
+            return 2
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _split(m: int) -> tuple[int, int] | None:
+    """(a, m // a), the Kronecker split with the smallest constructible a > 1, or None if m has no split."""
+    for a in range(2, math.isqrt(m) + 1):
+        if m % a == 0 and _constructible(a) and _constructible(m // a):
+            return a, m // a
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _constructible(m: int) -> bool:
+    return _is_power_of_two(m) or _paley_kind(m) is not None or _split(m) is not None
+
+
+def decompose(n: int) -> tuple[int, int] | None:
+    """(m, 2**k) with n = m * 2**k and m the smallest constructible base order, so the fast butterfly part is
+    as large as possible; None when no Sylvester/Paley/Kronecker construction reaches n."""
+    if n < 1:
+        return None
+    k = (n & -n).bit_length() - 1
+    for j in range(k, -1, -1):
+        m = n >> j
+        if _constructible(m):  # m is odd or a non-power of two here, except m == 1
+            return m, 1 << j
+    return None
+
+
+def largest_supported_divisor(n: int) -> int:
+    """The largest d | n with a Hadamard construction (1 at worst): the natural block size to suggest."""
+    divisors = {d for i in range(1, math.isqrt(n) + 1) if n % i == 0 for d in (i, n // i)}
+    return max(d for d in divisors if decompose(d) is not None)
+
+
+def _unsupported(n: int) -> UnsupportedSizeError:
+    if n > 2 and n % 4:
+        why = "Hadamard orders above 2 are multiples of 4"
+    else:
+        why = "Sylvester, Paley I/II and their Kronecker products do not reach it"
+    d = largest_supported_divisor(n) if n >= 1 else 1
+    block = f" or a block size that divides {n} (e.g. {d})" if d > 1 else ""
+    return UnsupportedSizeError(
+        f"no Hadamard matrix of order {n} ({why}); use --rotation random-orthogonal (seeded, any size){block}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GF(p**k): elements are ints 0..q-1 whose base-p digits are polynomial coefficients (digit i <-> x**i).
+
+
+def _poly_mod(a: list[int], f: list[int], p: int) -> list[int]:
+    """a mod f over GF(p); coefficient lists low-to-high, f monic."""
+    a = a[:]
+    df = len(f) - 1
+    for d in range(len(a) - 1, df - 1, -1):
+        c = a[d] % p
+        if c:
+            for i in range(df + 1):
+                a[d - df + i] = (a[d - df + i] - c * f[i]) % p
+    return [c % p for c in a[:df]]
+
+
+def _irreducible(p: int, k: int) -> list[int]:
+    """The first monic irreducible polynomial of degree k over GF(p), found by trial division."""
+    if k == 1:
+        return [0, 1]
+    for low in itertools.product(range(p), repeat=k):
+        f = [*low, 1]
+        if f[0] == 0:
+            continue
+        divisible = False
+        for d in range(1, k // 2 + 1):
+            for g_low in itertools.product(range(p), repeat=d):
+                if not any(_poly_mod(f, [*g_low, 1], p)):
+                    divisible = True
+                    break
+            if divisible:
+                break
+        if not divisible:
+            return f
+    raise AssertionError(f"no irreducible polynomial of degree {k} over GF({p})")  # impossible
+
+
+class _GF:
+    """GF(p**k) with vectorized subtraction and multiplication on int arrays of encoded elements."""
+
+    def __init__(self, p: int, k: int) -> None:
+        self.p, self.k, self.q = p, k, p**k
+        self.modulus = _irreducible(p, k)
+        self.weights = p ** np.arange(k, dtype=np.int64)
+
+    def digits(self, a: np.ndarray) -> np.ndarray:
+        return (a[..., None] // self.weights) % self.p
+
+    def encode(self, d: np.ndarray) -> np.ndarray:
+        return (d % self.p) @ self.weights
+
+    def sub(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self.encode(self.digits(a) - self.digits(b))
+
+    def mul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        p, k, f = self.p, self.k, self.modulus
+        da, db = (self.digits(v) for v in np.broadcast_arrays(a, b))
+        prod = np.zeros((*da.shape[:-1], 2 * k - 1), dtype=np.int64)
+        for i in range(k):
+            for j in range(k):
+                prod[..., i + j] += da[..., i] * db[..., j]
+        prod %= p
+        for d in range(2 * k - 2, k - 1, -1):  # x**k = -(f_0 + ... + f_{k-1} x**(k-1))
+            c = prod[..., d].copy()
+            for i in range(k):
+                prod[..., d - k + i] -= c * f[i]
+            prod %= p
+        return self.encode(prod[..., :k])
+
+    def quadratic_character(self) -> np.ndarray:
+        """chi[a] = 0, 1, -1 for a zero, a nonzero square, a non-square."""
+        a = np.arange(1, self.q, dtype=np.int64)
+        chi = np.full(self.q, -1, dtype=np.int8)
+        chi[self.mul(a, a)] = 1
+        chi[0] = 0
+        return chi
+
+    def jacobsthal(self) -> np.ndarray:
+        """Q[a, b] = chi(a - b), built in row chunks to bound temporaries."""
+        chi = self.quadratic_character()
+        q = self.q
+        out = np.empty((q, q), dtype=np.int8)
+        cols = np.arange(q, dtype=np.int64)
+        step = max(1, _CHUNK_ELEMS // (q * self.k))
+        for r0 in range(0, q, step):
+            rows = np.arange(r0, min(q, r0 + step), dtype=np.int64)
+            out[r0 : r0 + len(rows)] = chi[self.sub(rows[:, None], cols[None, :])]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dense constructions
+
+
+def _sylvester(n: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def _paley(m: int, kind: int) -> np.ndarray:
+    q = m - 1 if kind == 1 else m // 2 - 1
+    pk = _prime_power(q)
+    assert pk is not None
+    jac = _GF(*pk).jacobsthal().astype(np.float64)
+    c = np.zeros((q + 1, q + 1))
+    c[1:, 1:] = jac
+    if kind == 1:  # q = 3 mod 4: Q antisymmetric, S = [[0, 1], [-1, Q]] skew with S S^T = qI, H = I + S
+        c[0, 1:] = 1.0
+        c[1:, 0] = -1.0
+        return c + np.eye(q + 1)
+    # q = 1 mod 4: symmetric conference matrix C, H = C (x) [[1, 1], [1, -1]] + I (x) [[1, -1], [-1, -1]]
+    c[0, 1:] = 1.0
+    c[1:, 0] = 1.0
+    return np.kron(c, [[1.0, 1.0], [1.0, -1.0]]) + np.kron(np.eye(q + 1), [[1.0, -1.0], [-1.0, -1.0]])
+
+
+@functools.lru_cache(maxsize=32)
+def base_matrix(m: int) -> np.ndarray:
+    """The +-1 float64 Hadamard matrix of base order m (read-only, cached): Sylvester if m is a power of two,
+    else Paley I/II, else the Kronecker product of the smallest constructible split."""
+    if _is_power_of_two(m):
+        h = _sylvester(m)
+    elif (kind := _paley_kind(m)) is not None:
+        h = _paley(m, kind)
+    elif (ab := _split(m)) is not None:
+        h = np.kron(base_matrix(ab[0]), base_matrix(ab[1]))
+    else:
+        raise _unsupported(m)
+    h.flags.writeable = False
+    return h
+
+
+def hadamard_matrix(n: int) -> np.ndarray:
+    """Dense +-1 float64 H_n with H H^T = n I, in the ordering hadamard_transform uses."""
+    mk = decompose(n)
+    if mk is None:
+        raise _unsupported(n)
+    m, p2 = mk
+    return np.kron(base_matrix(m), _sylvester(p2))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fast transforms
+
+
+def _butterflies(y: np.ndarray) -> None:
+    """In-place unnormalized Sylvester WHT along axis 1 of a C-contiguous float64 (pre, P, post) array.
+
+    Radix-2 butterflies, one numpy pass per stage. When the axis is innermost, the first stages (strided,
+    short inner loops: the slow ones) are fused into one small GEMM with H_16, about 2x faster overall.
+    """
+    pre, p2, post = y.shape
+    h = 1
+    if post == 1 and p2 >= 4:
+        h = min(_FUSED, p2)
+        flat = y.reshape(-1, h)
+        hl = _sylvester(h)
+        rows = max(1, _CHUNK_ELEMS // h)
+        tmp = np.empty((min(rows, flat.shape[0]), h))
+        for r0 in range(0, flat.shape[0], rows):
+            chunk = flat[r0 : r0 + rows]
+            out = tmp[: len(chunk)]
+            np.matmul(chunk, hl, out=out)
+            chunk[...] = out
+    if h >= p2:
+        return
+    buf = np.empty(y.size // 2)
+    while h < p2:
+        v = y.reshape(pre, p2 // (2 * h), 2, h * post)
+        a, b = v[:, :, 0], v[:, :, 1]
+        t = buf.reshape(a.shape)
+        np.subtract(a, b, out=t)
+        a += b
+        b[...] = t
+        h *= 2
+
+
+def _as_3d(y: np.ndarray, axis: int) -> np.ndarray:
+    n = y.shape[axis]
+    pre = math.prod(y.shape[:axis])
+    return y.reshape(pre, n, y.size // max(1, pre * n))
+
+
+def _norm_axis(x: np.ndarray, axis: int) -> int:
+    if not -x.ndim <= axis < x.ndim:
+        raise np.exceptions.AxisError(axis, x.ndim)
+    return axis % x.ndim
+
+
+def fwht(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Unnormalized Walsh-Hadamard transform (Sylvester ordering) along a power-of-two axis, float64."""
+    y = np.array(x, dtype=np.float64, order="C")
+    axis = _norm_axis(y, axis)
+    if not _is_power_of_two(y.shape[axis]):
+        raise UnsupportedSizeError(f"fwht needs a power-of-two length, got {y.shape[axis]}")
+    _butterflies(_as_3d(y, axis))
+    return y
+
+
+def _contract(y: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """out[p, j, r] = sum_i y[p, i, r] a[i, j] for a (pre, m, post) array: x @ a along the middle axis."""
+    pre, m, post = y.shape
+    if post == 1:  # one GEMM instead of `pre` batched mat-vecs
+        return (y.reshape(pre, m) @ a).reshape(pre, -1, 1)
+    return np.matmul(a.T, y)
+
+
+def _transform3(y: np.ndarray, normalize: bool, transpose: bool) -> np.ndarray:
+    """hadamard_transform along axis 1 of a C-contiguous float64 (pre, n, post) array, overwritten in the
+    process (callers hand over a copy they own: this is what keeps the memory at about two copies of x)."""
+    pre, n, post = y.shape
+    mk = decompose(n)
+    if mk is None:
+        raise _unsupported(n)
+    m, p2 = mk
+    _butterflies(y.reshape(pre * m, p2, post))
+    scale = 1.0 / math.sqrt(n)
+    if m == 1:
+        if normalize:
+            y *= scale
+        return y
+    a = base_matrix(m).T if transpose else base_matrix(m)
+    if normalize:
+        a = a * scale
+    return _contract(y.reshape(pre, m, p2 * post), a).reshape(y.shape)
+
+
+def hadamard_transform(
+    x: np.ndarray, axis: int = -1, normalize: bool = True, transpose: bool = False
+) -> np.ndarray:
+    """x @ H_n along `axis` (x @ H_n^T if transpose), divided by sqrt(n) if normalize; float64 result.
+
+    Butterflies on the 2**k part, one dense m x m product on the base part; about two float64 copies of x.
+    """
+    y = np.array(x, dtype=np.float64, order="C")
+    axis = _norm_axis(y, axis)
+    return _transform3(_as_3d(y, axis), normalize, transpose).reshape(y.shape)

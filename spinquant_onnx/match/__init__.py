@@ -1,0 +1,1 @@
+"""Pattern matching: find norms, linears, the residual stream and each weight's role from graph structure."""

@@ -1,0 +1,141 @@
+"""Where linear layers are recognized: MatMul and Gemm with a constant weight, in any of its layouts.
+
+A weight reaches its MatMul as an [in, out] initializer, behind a Transpose of an [out, in] one, behind
+AIMET's QcQuantizeOp or a Cast, or as Gemm's B with transB either way. What a rotation needs to know is
+which axis of the *initializer* meets the input features and which the output features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from spinquant_onnx.graph_index import TRANSPARENT_OPS, GraphIndex, Use, node_label
+
+LINEAR_OPS = frozenset({"MatMul", "Gemm"})
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """An initializer as one node input sees it: ``use`` is the edge where it is read."""
+
+    name: str
+    use: Use
+    transposed: bool
+
+
+@dataclass
+class Linear:
+    node: onnx.NodeProto
+    weight: str
+    weight_use: Use
+    in_axis: int
+    out_axis: int
+    in_features: int
+    out_features: int
+    output: str
+    bias: str | None = None
+    bias_use: Use | None = None
+    bias_axis: int = 0
+
+    @property
+    def label(self) -> str:
+        return node_label(self.node)
+
+
+def weight_behind(index: GraphIndex, node: onnx.NodeProto, slot: int) -> WeightRef | None:
+    """The initializer feeding ``node.input[slot]`` through transparent ops and 2-D Transposes."""
+    current, current_slot = node, slot
+    name = node.input[slot]
+    transposed = False
+    while not index.is_initializer(name):
+        producer = index.producer.get(name)
+        if producer is None:
+            return None
+        if producer.op_type == "Transpose":
+            perm = index.attr(producer, "perm")
+            if perm is not None and list(perm) != [1, 0]:
+                return None
+            transposed = not transposed
+        elif producer.op_type not in TRANSPARENT_OPS:
+            return None
+        current, current_slot = producer, 0
+        name = producer.input[0]
+    return WeightRef(name, Use(current, current_slot), transposed)
+
+
+def _bias_after(index: GraphIndex, tensor: str, width: int) -> tuple[str, Use, str] | None:
+    """An Add of a 1-D constant right after a MatMul: (bias initializer, its edge, Add output)."""
+    users = [u for u in index.users(tensor) if u.node.op_type not in ("Shape",)]
+    if len(users) != 1 or users[0].node.op_type != "Add" or tensor in index.graph_outputs:
+        return None
+    add = users[0].node
+    other = 1 - users[0].index
+    ref = weight_behind(index, add, other)
+    if ref is None or index.store.shape(ref.name) != (width,):
+        return None
+    return ref.name, ref.use, add.output[0]
+
+
+def linear_at(index: GraphIndex, node: onnx.NodeProto, with_bias: bool = True) -> Linear | None:
+    """Describe ``node`` as a linear layer whose input 0 is the activation, or None if it is not one."""
+    if node.op_type not in LINEAR_OPS:
+        return None
+    ref = weight_behind(index, node, 1)
+    if ref is None or index.is_initializer(index.see_through_back(node.input[0])):
+        return None
+    shape = index.store.shape(ref.name)
+    if len(shape) != 2:
+        return None
+    transposed = ref.transposed
+    bias = bias_use = None
+    output = node.output[0]
+    if node.op_type == "Gemm":
+        if index.attr(node, "transA", 0):
+            return None
+        transposed ^= bool(index.attr(node, "transB", 0))
+    in_axis, out_axis = (1, 0) if transposed else (0, 1)
+    out_features = shape[out_axis]
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        cref = weight_behind(index, node, 2)
+        if cref is None or index.store.shape(cref.name) not in ((out_features,), (1, out_features)):
+            return None
+        bias, bias_use = cref.name, cref.use
+    elif with_bias:
+        found = _bias_after(index, output, out_features)
+        if found is not None:
+            bias, bias_use, output = found
+    return Linear(
+        node=node,
+        weight=ref.name,
+        weight_use=ref.use,
+        in_axis=in_axis,
+        out_axis=out_axis,
+        in_features=shape[in_axis],
+        out_features=out_features,
+        output=output,
+        bias=bias,
+        bias_use=bias_use,
+        bias_axis=len(index.store.shape(bias)) - 1 if bias is not None else 0,
+    )
+
+
+def linear_writing(index: GraphIndex, tensor: str) -> Linear | None:
+    """The linear layer (with its bias) whose output is ``tensor``, looking back through transparent ops."""
+    name = index.see_through_back(tensor)
+    node = index.producer.get(name)
+    if node is None:
+        return None
+    if node.op_type == "Add":
+        for slot in (0, 1):
+            producer = index.producer.get(node.input[slot])
+            if producer is not None and producer.op_type in LINEAR_OPS:
+                found = linear_at(index, producer)
+                if found is not None and found.output == name:
+                    return found
+        return None
+    found = linear_at(index, node)
+    if found is not None and found.output == name:
+        return found
+    return None

@@ -1,0 +1,259 @@
+"""Trace the residual stream: every tensor R1 rotates, who writes into it and who reads from it.
+
+Exactness comes from closure, not from recognizing a family: starting at the embedding, every consumer
+of every stream tensor must be a norm, a residual Add, a pass-through or a shape op, and every Add must
+take its other operand from a linear whose weight can absorb R1. Anything else is refused by name, so an
+unfamiliar graph is never rotated into a silently wrong model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from spinquant_onnx.errors import UnsupportedGraphError
+from spinquant_onnx.graph_index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphIndex, Use, node_label
+from spinquant_onnx.match.linears import LINEAR_OPS, Linear, linear_at, linear_writing, weight_behind
+from spinquant_onnx.match.norms import NormMatch, find_norms
+
+# Elementwise ops that commute with a rotation of the last axis when the other operand is a scalar.
+SCALAR_OPS = frozenset({"Mul", "Div"})
+QUANTIZED_OPS = frozenset(
+    {
+        "MatMulNBits",
+        "GatherBlockQuantized",
+        "DequantizeLinear",
+        "QuantizeLinear",
+        "MatMulInteger",
+        "QLinearMatMul",
+        "DynamicQuantizeLinear",
+    }
+)
+
+
+@dataclass
+class Embedding:
+    node: onnx.NodeProto
+    table: str
+    table_use: Use
+    hidden_axis: int
+    output: str
+
+
+@dataclass
+class Residual:
+    """A norm and the linears reading it, or a linear writing into the stream: one event on the stream."""
+
+    kind: str  # "norm" | "write"
+    norm: NormMatch | None = None
+    readers: list[Linear] = field(default_factory=list)
+    writer: Linear | None = None
+    add: onnx.NodeProto | None = None
+
+
+@dataclass
+class Stream:
+    hidden: int
+    embedding: Embedding | None
+    entries: list[str]
+    events: list[Residual]
+    tensors: set[str]
+
+    @property
+    def norms(self) -> list[Residual]:
+        return [e for e in self.events if e.kind == "norm"]
+
+    @property
+    def writers(self) -> list[Residual]:
+        return [e for e in self.events if e.kind == "write"]
+
+
+def _refuse_quantized(index: GraphIndex) -> None:
+    for node in index.graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            raise UnsupportedGraphError(
+                f"node {node_label(node)} is already quantized ({node.op_type}); rotate the float "
+                "(fp32/fp16) export first, then quantize the rotated model"
+            )
+
+
+def _find_embedding(index: GraphIndex, norm_inputs: dict[str, NormMatch]) -> Embedding | None:
+    """The Gather on a [vocab, hidden] table whose rows reach a norm through the stream."""
+    for node in index.graph.node:
+        if node.op_type != "Gather" or index.attr(node, "axis", 0) != 0:
+            continue
+        ref = weight_behind(index, node, 0)
+        if ref is None or len(index.store.shape(ref.name)) != 2:
+            continue
+        hidden_axis = 0 if ref.transposed else 1
+        hidden = index.store.shape(ref.name)[hidden_axis]
+        if _reaches_norm(index, node.output[0], norm_inputs, hidden):
+            return Embedding(node, ref.name, ref.use, hidden_axis, node.output[0])
+    return None
+
+
+def _reaches_norm(index: GraphIndex, tensor: str, norm_inputs: dict[str, NormMatch], hidden: int) -> bool:
+    """True when ``tensor`` feeds (through pass-throughs) a norm over ``hidden`` features."""
+    frontier, seen = [tensor], set()
+    while frontier:
+        name = frontier.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        norm = norm_inputs.get(name)
+        if norm is not None and index.store.shape(norm.gamma) == (hidden,):
+            return True
+        for use in index.users(name):
+            if use.node.op_type in TRANSPARENT_OPS or use.node.op_type in SCALAR_OPS:
+                frontier.extend(use.node.output[:1])
+    return False
+
+
+def _float_input_entries(index: GraphIndex, norm_inputs: dict[str, NormMatch]) -> list[tuple[str, int]]:
+    """Graph inputs that feed the stream directly (``inputs_embeds``), with their hidden size."""
+    found = []
+    for name in index.graph_inputs:
+        shape = index.static_shape(name)
+        if shape and len(shape) == 3 and shape[-1] and _reaches_norm(index, name, norm_inputs, shape[-1]):
+            found.append((name, int(shape[-1])))
+    return found
+
+
+def trace_stream(index: GraphIndex) -> Stream:
+    """Walk the graph in topological order, growing the set of residual-stream tensors."""
+    _refuse_quantized(index)
+    norms = find_norms(index)
+    norm_inputs: dict[str, NormMatch] = {}
+    for norm in norms:
+        for name in norm.inputs:
+            norm_inputs.setdefault(name, norm)
+    embedding = _find_embedding(index, norm_inputs)
+    entries: list[str] = []
+    if embedding is not None:
+        hidden = index.store.shape(embedding.table)[embedding.hidden_axis]
+        stream = {embedding.output}
+    else:
+        inputs = _float_input_entries(index, norm_inputs)
+        if not inputs:
+            raise UnsupportedGraphError(
+                "no decoder found: no embedding Gather or inputs_embeds input leads to an RMSNorm "
+                f"(found {len(norms)} RMSNorm(s) in {len(index.graph.node)} nodes)"
+            )
+        entries = [name for name, _ in inputs]
+        hidden = inputs[0][1]
+        stream = set(entries)
+    internal = {id(node): norm for norm in norms for node in norm.nodes}
+    events: list[Residual] = []
+    seen_norms: set[int] = set()
+
+    def open_norm(norm: NormMatch) -> None:
+        if id(norm) in seen_norms:
+            return
+        seen_norms.add(id(norm))
+        if index.store.shape(norm.gamma) != (hidden,):
+            raise UnsupportedGraphError(
+                f"norm {norm.label} on the residual stream has gamma '{norm.gamma}' of shape "
+                f"{list(index.store.shape(norm.gamma))}, expected [{hidden}]"
+            )
+        events.append(Residual("norm", norm=norm, readers=_readers_of(index, norm, hidden)))
+
+    for node in index.graph.node:
+        stream_inputs = [name for name in node.input if name in stream]
+        if not stream_inputs:
+            continue
+        norm = internal.get(id(node))
+        if norm is not None and any(name in stream for name in norm.inputs):
+            if norm.sum_output is not None and id(norm) not in seen_norms:
+                _check_skip_writer(index, norm, stream, hidden, events)
+                stream.add(norm.sum_output)
+            open_norm(norm)
+            if node.op_type in TRANSPARENT_OPS:
+                stream.update(node.output[:1])
+            continue
+        if node.op_type in SHAPE_ONLY_OPS:
+            continue
+        if node.op_type in TRANSPARENT_OPS and node.input[0] in stream:
+            stream.update(node.output[:1])
+            continue
+        if node.op_type in SCALAR_OPS and node.input[0] in stream and index.scalar(node.input[1]) is not None:
+            stream.update(node.output[:1])
+            continue
+        if node.op_type == "Add" and len(node.input) == 2:
+            others = [name for name in node.input if name not in stream]
+            for other in others:
+                events.append(Residual("write", writer=_writer_of(index, other, node, hidden), add=node))
+            stream.add(node.output[0])
+            continue
+        raise UnsupportedGraphError(
+            f"residual stream tensor '{stream_inputs[0]}' is read by node {node_label(node)}, which is not an "
+            "RMSNorm, a residual Add or a shape op, so R1 cannot be absorbed exactly"
+        )
+    exits = sorted(name for name in stream if name in index.graph_outputs)
+    if exits:
+        raise UnsupportedGraphError(
+            f"residual stream tensor '{exits[0]}' is a graph output; rotating would change it"
+        )
+    if not any(e.kind == "norm" for e in events):
+        raise UnsupportedGraphError("no RMSNorm reads the residual stream; nothing to fuse or rotate")
+    return Stream(hidden, embedding, entries, events, stream)
+
+
+def _readers_of(index: GraphIndex, norm: NormMatch, hidden: int) -> list[Linear]:
+    """The linears reading a norm's output; anything else would see the rotation and is refused."""
+    exit_name = index.exits_graph(norm.output)
+    if exit_name:
+        raise UnsupportedGraphError(
+            f"norm {norm.label} output reaches graph output '{exit_name}'; its gamma cannot be fused"
+        )
+    readers = []
+    for use in index.value_users(norm.output):
+        found = linear_at(index, use.node) if use.index == 0 and use.node.op_type in LINEAR_OPS else None
+        if found is None:
+            raise UnsupportedGraphError(
+                f"norm {norm.label} output is read by node {node_label(use.node)}, which is not a linear layer "
+                "with a constant weight; its gamma cannot be fused"
+            )
+        if found.in_features != hidden:
+            raise UnsupportedGraphError(
+                f"linear {found.label}: weight '{found.weight}' has {found.in_features} input features, "
+                f"the residual stream has {hidden}"
+            )
+        readers.append(found)
+    return readers
+
+
+def _writer_of(index: GraphIndex, tensor: str, add: onnx.NodeProto, hidden: int) -> Linear:
+    """The linear whose output is added into the stream by ``add``; it must write nowhere else."""
+    writer = linear_writing(index, tensor)
+    if writer is None:
+        producer = index.producer.get(index.see_through_back(tensor))
+        what = f"node {node_label(producer)}" if producer is not None else f"input '{tensor}'"
+        raise UnsupportedGraphError(
+            f"residual Add {node_label(add)} adds '{tensor}' from {what}, which is not a linear layer with a "
+            "constant weight, so R1 cannot be absorbed there"
+        )
+    if writer.out_features != hidden:
+        raise UnsupportedGraphError(
+            f"linear {writer.label}: weight '{writer.weight}' writes {writer.out_features} features into a "
+            f"residual stream of {hidden}"
+        )
+    readers = index.value_users(writer.output)
+    if index.exits_graph(writer.output) or any(u.node is not add for u in readers):
+        other = next((u.node for u in readers if u.node is not add), None)
+        where = node_label(other) if other is not None else "a graph output"
+        raise UnsupportedGraphError(
+            f"linear {writer.label} writes into the residual stream and is also read by {where}; rotating its "
+            "output would change that reader"
+        )
+    return writer
+
+
+def _check_skip_writer(
+    index: GraphIndex, norm: NormMatch, stream: set[str], hidden: int, events: list[Residual]
+) -> None:
+    """A SkipSimplifiedLayerNormalization adds its two inputs: the one not in the stream is a writer."""
+    node = norm.anchor
+    for name in norm.inputs:
+        if name not in stream:
+            events.append(Residual("write", writer=_writer_of(index, name, node, hidden), add=node))

@@ -1,0 +1,166 @@
+"""Where each weight's role is decided: blocks, and q/k/v/o/gate/up/down/embedding/lm_head.
+
+R1 itself only needs readers and writers; roles matter for what a user sees (``inspect``), for R2-R4,
+and for catching a misread graph. They are read off the dataflow, never off names: a reader whose
+output reaches a Softmax through a score MatMul is q (left operand) or k (right operand); one that meets
+the Softmax output in a MatMul is v; in an MLP, the reader that passes an activation first is the gate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from spinquant_onnx.graph_index import GraphIndex
+from spinquant_onnx.match.linears import Linear
+from spinquant_onnx.match.norms import NormMatch
+from spinquant_onnx.match.residual import Stream
+
+ATTENTION_OPS = {"Attention": (0, 1, 2), "GroupQueryAttention": (0, 1, 2), "MultiHeadAttention": (0, 1, 2)}
+ACTIVATION_OPS = frozenset(
+    {"Sigmoid", "Gelu", "FastGelu", "QuickGelu", "Tanh", "Erf", "Relu", "Softplus", "BiasGelu"}
+)
+SEARCH_LIMIT = 60
+
+
+@dataclass
+class RoleEntry:
+    role: str
+    linear: Linear
+
+
+@dataclass
+class SubBlock:
+    kind: str  # "attention" | "mlp" | "final" | "unknown"
+    norm: NormMatch
+    readers: list[RoleEntry] = field(default_factory=list)
+    writer: RoleEntry | None = None
+
+
+@dataclass
+class Block:
+    number: int
+    parts: list[SubBlock] = field(default_factory=list)
+
+
+@dataclass
+class Roles:
+    blocks: list[Block]
+    final: SubBlock | None
+    embedding: str | None
+
+    def all_linears(self) -> list[RoleEntry]:
+        entries = [
+            r for b in self.blocks for p in b.parts for r in p.readers + ([p.writer] if p.writer else [])
+        ]
+        if self.final is not None:
+            entries += self.final.readers
+        return entries
+
+
+def _forward(index: GraphIndex, start: str, limit: int = SEARCH_LIMIT):
+    """Breadth-first (node, input slot) pairs reachable from ``start``."""
+    frontier, seen, steps = [start], set(), 0
+    while frontier and steps < limit:
+        name = frontier.pop(0)
+        for use in index.users(name):
+            if id(use.node) in seen:
+                continue
+            seen.add(id(use.node))
+            steps += 1
+            yield use.node, use.index, name
+            frontier.extend(use.node.output)
+
+
+def _feeds_softmax(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    return any(n.op_type == "Softmax" for n, _, _ in _forward(index, node.output[0], limit=8))
+
+
+def _from_softmax(index: GraphIndex, tensor: str) -> bool:
+    name, hops = tensor, 0
+    while hops < 6:
+        producer = index.producer.get(name)
+        if producer is None:
+            return False
+        if producer.op_type == "Softmax":
+            return True
+        name, hops = producer.input[0], hops + 1
+    return False
+
+
+def attention_role(index: GraphIndex, linear: Linear) -> str | None:
+    """q, k, v (or qkv when one MatMul serves all three) from where the output enters attention."""
+    slots = set()
+    for node, slot, _ in _forward(index, linear.output):
+        if node.op_type in ATTENTION_OPS:
+            order = ATTENTION_OPS[node.op_type]
+            if slot in order:
+                slots.add("qkv"[order.index(slot)])
+        elif node.op_type == "MatMul" and not index.is_initializer(node.input[1]):
+            if _from_softmax(index, node.input[1 - slot]):
+                slots.add("v")
+            elif _feeds_softmax(index, node):
+                slots.add("q" if slot == 0 else "k")
+        elif node.op_type == "Softmax":
+            continue
+    if len(slots) > 1:
+        return "qkv" if slots == {"q", "k", "v"} else "".join(sorted(slots, key="qkv".index))
+    return slots.pop() if slots else None
+
+
+def reaches_attention(index: GraphIndex, linear: Linear) -> bool:
+    return any(
+        n.op_type == "Softmax" or n.op_type in ATTENTION_OPS for n, _, _ in _forward(index, linear.output)
+    )
+
+
+def mlp_role(index: GraphIndex, linear: Linear, siblings: int) -> str:
+    """gate, up, or gate_up for a single fused projection."""
+    if siblings == 1:
+        return "gate_up"
+    for node, _, _ in _forward(index, linear.output, limit=3):
+        if node.op_type in ACTIVATION_OPS:
+            return "gate"
+    return "up"
+
+
+def assign_roles(index: GraphIndex, stream: Stream) -> Roles:
+    """Pair each norm with the next writer into sub-blocks, and name every linear's role."""
+    parts: list[SubBlock] = []
+    current: SubBlock | None = None
+    for event in stream.events:
+        if event.kind == "norm":
+            current = SubBlock("unknown", event.norm, [RoleEntry("reader", lin) for lin in event.readers])
+            parts.append(current)
+        elif current is not None and current.writer is None:
+            current.writer = RoleEntry("writer", event.writer)
+    final = parts.pop() if parts and parts[-1].writer is None else None
+    for part in parts:
+        linears = [entry.linear for entry in part.readers]
+        if any(reaches_attention(index, lin) for lin in linears):
+            part.kind = "attention"
+            for entry in part.readers:
+                entry.role = attention_role(index, entry.linear) or "attn_in"
+            if part.writer:
+                part.writer.role = "o"
+        else:
+            part.kind = "mlp"
+            for entry in part.readers:
+                entry.role = mlp_role(index, entry.linear, len(part.readers))
+            if part.writer:
+                part.writer.role = "down"
+    if final is not None:
+        final.kind = "final"
+        for entry in final.readers:
+            entry.role = "lm_head"
+    blocks: list[Block] = []
+    for part in parts:
+        if (
+            not blocks
+            or (part.kind == "attention" and blocks[-1].parts)
+            or any(p.kind == part.kind for p in blocks[-1].parts)
+        ):
+            blocks.append(Block(len(blocks)))
+        blocks[-1].parts.append(part)
+    return Roles(blocks, final, stream.embedding.table if stream.embedding else None)

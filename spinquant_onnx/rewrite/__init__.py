@@ -1,0 +1,1 @@
+"""Rewrites: norm fusion, rotations and online rotation nodes, planned first and applied per tensor."""

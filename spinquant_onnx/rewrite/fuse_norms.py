@@ -1,0 +1,29 @@
+"""Norm fusion: move each residual-stream RMSNorm's gamma into the linears that read it.
+
+After fusion the norm computes ``x / rms(x)`` only, which commutes with any orthogonal rotation of x.
+Gemma-style norms scale by ``(1 + w)``; when the exporter left that Add in the graph, the effective
+gamma is ``w + 1`` and ``w`` becomes 0 rather than 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spinquant_onnx.graph_io import TensorStore
+from spinquant_onnx.match.residual import Stream
+from spinquant_onnx.rewrite.plan import TensorPlan, fill, scale
+
+
+def effective_gamma(store: TensorStore, gamma: str, offset: float) -> np.ndarray:
+    return np.asarray(store.array(gamma), dtype=np.float64) + offset
+
+
+def plan_norm_fusion(stream: Stream, store: TensorStore, plan: TensorPlan) -> int:
+    """Scale every reader's input axis by gamma and set gamma to the identity; returns norms fused."""
+    for event in stream.norms:
+        norm = event.norm
+        gamma = effective_gamma(store, norm.gamma, norm.gamma_offset)
+        for linear in event.readers:
+            plan.add(linear.weight, linear.weight_use, [scale(linear.in_axis, gamma, "norm gamma")], "reader")
+        plan.add(norm.gamma, norm.gamma_use, [fill(1.0 - norm.gamma_offset, "fused")], "norm")
+    return len(stream.norms)

@@ -1,0 +1,173 @@
+"""A rewrite as a plan: which operations each initializer use needs, applied later one tensor at a time.
+
+Planning per *use* (an edge into a node) rather than per initializer is what makes shared tensors safe:
+when two uses of one table need different rewrites (a tied embedding read by the Gather as a writer and
+by lm_head as a reader), the plan clones the table and points each use at its own copy. Uses the plan
+does not mention keep the original values. Nothing is computed until ``materialize`` is asked for a
+tensor, so writing a model streams: read one tensor, rewrite it in float64, cast back, write, free.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from spinquant_onnx.graph_index import GraphIndex, Use
+from spinquant_onnx.graph_io import TensorStore
+from spinquant_onnx.rotations import Rotation
+
+# Rows of float64 work per chunk when a tensor is rewritten along one axis: bounds temporary memory.
+CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True, eq=False)
+class TensorOp:
+    """One float64 operation on one axis of a tensor."""
+
+    kind: str  # "scale" | "rotate" | "rotate_t" | "fill"
+    axis: int = 0
+    vector: np.ndarray | None = None
+    rotation: Rotation | None = None
+    value: float = 0.0
+    note: str = ""
+
+    def key(self) -> tuple:
+        vec = None if self.vector is None else self.vector.tobytes()
+        return (self.kind, self.axis, vec, id(self.rotation), self.value)
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        if self.kind == "fill":
+            return np.full(values.shape, self.value, dtype=np.float64)
+        if self.kind == "scale":
+            shape = [1] * values.ndim
+            shape[self.axis] = -1
+            return values * self.vector.reshape(shape)
+        if self.kind == "rotate":
+            return self.rotation.apply(values, self.axis)
+        if self.kind == "rotate_t":
+            return self.rotation.apply_transpose(values, self.axis)
+        raise ValueError(self.kind)
+
+
+def scale(axis: int, vector: np.ndarray, note: str = "") -> TensorOp:
+    return TensorOp("scale", axis, vector=np.asarray(vector, dtype=np.float64), note=note)
+
+
+def rotate(axis: int, rotation: Rotation, note: str = "") -> TensorOp:
+    return TensorOp("rotate", axis, rotation=rotation, note=note)
+
+
+def rotate_transposed(axis: int, rotation: Rotation, note: str = "") -> TensorOp:
+    return TensorOp("rotate_t", axis, rotation=rotation, note=note)
+
+
+def fill(value: float, note: str = "") -> TensorOp:
+    return TensorOp("fill", value=value, note=note)
+
+
+def run_ops(values: np.ndarray, ops: tuple[TensorOp, ...], dtype: np.dtype) -> np.ndarray:
+    """Apply ``ops`` in float64 and cast to ``dtype``, in chunks when every op works on one axis."""
+    axes = {op.axis for op in ops if op.kind != "fill"}
+    if len(axes) == 1 and values.ndim >= 2 and values.size > CHUNK_ELEMENTS:
+        axis = axes.pop()
+        other = max((a for a in range(values.ndim) if a != axis), key=lambda a: values.shape[a])
+        out = np.empty(values.shape, dtype=dtype)
+        step = max(1, CHUNK_ELEMENTS * values.shape[other] // values.size)
+        for start in range(0, values.shape[other], step):
+            window = [slice(None)] * values.ndim
+            window[other] = slice(start, start + step)
+            out[tuple(window)] = _run_all(values[tuple(window)], ops).astype(dtype)
+        return out
+    return _run_all(values, ops).astype(dtype)
+
+
+def _run_all(values: np.ndarray, ops: tuple[TensorOp, ...]) -> np.ndarray:
+    result = np.asarray(values, dtype=np.float64)
+    for op in ops:
+        result = op.apply(result)
+    return result
+
+
+@dataclass
+class Target:
+    """An initializer the rewritten model will hold: its values come from ``source`` through ``ops``."""
+
+    name: str
+    source: str
+    ops: tuple[TensorOp, ...]
+    role: str
+
+
+@dataclass
+class TensorPlan:
+    planned: dict[str, list[tuple[Use, tuple[TensorOp, ...], str]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    targets: dict[str, Target] = field(default_factory=dict)
+    new_nodes: list[tuple[int, onnx.NodeProto]] = field(default_factory=list)
+
+    def add(self, tensor: str, use: Use, ops: tuple[TensorOp, ...] | list[TensorOp], role: str) -> None:
+        """Ask that the value ``use`` reads from initializer ``tensor`` be ``ops`` applied to it (in order).
+
+        Several requests for the same use compose in the order they were made.
+        """
+        entries = self.planned[tensor]
+        for i, (seen, previous, previous_role) in enumerate(entries):
+            if seen.node is use.node and seen.index == use.index:
+                entries[i] = (
+                    use,
+                    previous + tuple(ops),
+                    previous_role if role in previous_role else f"{previous_role}+{role}",
+                )
+                return
+        entries.append((use, tuple(ops), role))
+
+    def finalize(self, index: GraphIndex) -> None:
+        """Group each initializer's uses by their op list; clone where groups differ and rewire edges."""
+        model = index.model
+        for tensor, entries in self.planned.items():
+            groups: dict[tuple, list[tuple[Use, tuple[TensorOp, ...], str]]] = {}
+            planned_edges = {(id(u.node), u.index) for u, _, _ in entries}
+            for use, ops, role in entries:
+                groups.setdefault(tuple(op.key() for op in ops), []).append((use, ops, role))
+            unplanned = [u for u in index.users(tensor) if (id(u.node), u.index) not in planned_edges]
+            keep_original = bool(unplanned) or tensor in index.graph_outputs
+            ordered = sorted(groups.values(), key=len, reverse=True)
+            for number, members in enumerate(ordered):
+                ops = members[0][1]
+                role = "+".join(sorted({m[2] for m in members}))
+                if not keep_original and number == 0:
+                    self.targets[tensor] = Target(tensor, tensor, ops, role)
+                    continue
+                name = _fresh_name(index, f"{tensor}.spinquant.{role.replace('+', '_')}")
+                self.targets[name] = Target(name, tensor, ops, role)
+                _append_initializer(model, index.store, tensor, name)
+                for use, _, _ in members:
+                    use.node.input[use.index] = name
+
+    def materialize(self, store: TensorStore, name: str) -> np.ndarray:
+        """The final values of initializer ``name`` (unchanged ones straight from the store)."""
+        target = self.targets.get(name)
+        if target is None:
+            return store.array(name)
+        return run_ops(store.array(target.source), target.ops, store.dtype(target.source))
+
+
+def _fresh_name(index: GraphIndex, base: str) -> str:
+    name, number = base, 1
+    while name in index.store or name in index.producer or name in index.graph_inputs:
+        number += 1
+        name = f"{base}.{number}"
+    return name
+
+
+def _append_initializer(model: onnx.ModelProto, store: TensorStore, source: str, name: str) -> None:
+    """A placeholder initializer with the source's type and shape; its data is written at save time."""
+    tensor = model.graph.initializer.add()
+    tensor.name = name
+    tensor.data_type = store.tensors[source].data_type
+    tensor.dims.extend(store.shape(source))
+    store.tensors[name] = tensor

@@ -1,0 +1,36 @@
+"""R1: rotate the residual stream by an orthonormal R, absorbed into the weights around it.
+
+Writers (embedding table, o_proj, down_proj, their biases, a Skip norm's bias) produce ``x R``;
+readers (q/k/v, gate/up, lm_head; gammas already fused) take ``W' = R^T W`` so that ``(x R) W' = x W``.
+Both are the same operation on the weight, ``x -> x @ R`` along one axis: the output axis of a writer,
+the input axis of a reader.
+"""
+
+from __future__ import annotations
+
+from spinquant_onnx.match.residual import Stream
+from spinquant_onnx.rewrite.plan import TensorPlan, rotate
+from spinquant_onnx.rotations import Rotation
+
+
+def plan_r1(stream: Stream, rotation: Rotation, plan: TensorPlan) -> int:
+    """Add R1's operations to ``plan``; returns how many weight uses were rotated."""
+    count = 0
+    if stream.embedding is not None:
+        emb = stream.embedding
+        plan.add(emb.table, emb.table_use, [rotate(emb.hidden_axis, rotation, "R1")], "embedding")
+        count += 1
+    for event in stream.writers:
+        writer = event.writer
+        plan.add(writer.weight, writer.weight_use, [rotate(writer.out_axis, rotation, "R1")], "writer")
+        if writer.bias is not None:
+            plan.add(writer.bias, writer.bias_use, [rotate(writer.bias_axis, rotation, "R1")], "writer bias")
+        count += 1
+    for event in stream.norms:
+        norm = event.norm
+        if norm.bias is not None:
+            plan.add(norm.bias, norm.bias_use, [rotate(0, rotation, "R1")], "skip-norm bias")
+        for linear in event.readers:
+            plan.add(linear.weight, linear.weight_use, [rotate(linear.in_axis, rotation, "R1")], "reader")
+            count += 1
+    return count
