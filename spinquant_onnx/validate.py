@@ -90,6 +90,8 @@ def _provider_loads(provider: str) -> bool:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     try:
         # ORT prints its own fallback notice to stdout; the probe's answer is what matters here.
+        # Its logger also reports a missing CUDA library as an error: silence it for the probe only.
+        ort.set_default_logger_severity(4)
         with contextlib.redirect_stdout(None):
             session = ort.InferenceSession(
                 model.SerializeToString(), _session_options(), providers=[provider, CPU]
@@ -97,6 +99,8 @@ def _provider_loads(provider: str) -> bool:
             session.run(None, {"x": np.ones(1, dtype=np.float32)})
     except Exception:  # noqa: BLE001 - ORT errors derive from Exception; any failure means "does not load"
         return False
+    finally:
+        ort.set_default_logger_severity(2)
     return session.get_providers()[0] == provider
 
 

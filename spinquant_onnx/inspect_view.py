@@ -1,0 +1,57 @@
+"""Render what the matcher found as a readable table (``spinquant-onnx inspect``)."""
+
+from __future__ import annotations
+
+from spinquant_onnx.api import Analysis
+from spinquant_onnx.match.linears import Linear
+
+
+def _shape(analysis: Analysis, name: str) -> str:
+    return "x".join(str(d) for d in analysis.store.shape(name))
+
+
+def _layout(linear: Linear) -> str:
+    return "[in,out]" if linear.in_axis == 0 else "[out,in]"
+
+
+def render(analysis: Analysis) -> str:
+    """One header, then one row per tensor the rotation touches, grouped by block."""
+    stream, roles = analysis.stream, analysis.roles
+    rows: list[tuple[str, str, str, str, str]] = []
+    if stream.embedding is not None:
+        emb = stream.embedding
+        rows.append(("-", "embedding", emb.table, _shape(analysis, emb.table), f"Gather {emb.node.name or ''}".strip()))
+    for name in stream.entries:
+        rows.append(("-", "inputs_embeds", name, "", "graph input"))
+    for block in roles.blocks:
+        for part in block.parts:
+            rows.append((str(block.number), f"{part.kind} norm", part.norm.gamma, _shape(analysis, part.norm.gamma),
+                         part.norm.kind))
+            for entry in part.readers + ([part.writer] if part.writer else []):
+                lin = entry.linear
+                detail = f"{lin.node.op_type} {_layout(lin)}" + (f" bias {lin.bias}" if lin.bias else "")
+                rows.append((str(block.number), entry.role, lin.weight, _shape(analysis, lin.weight), detail))
+    if roles.final is not None:
+        final = roles.final
+        rows.append(("-", "final norm", final.norm.gamma, _shape(analysis, final.norm.gamma), final.norm.kind))
+        for entry in final.readers:
+            lin = entry.linear
+            rows.append(("-", entry.role, lin.weight, _shape(analysis, lin.weight),
+                         f"{lin.node.op_type} {_layout(lin)}"))
+    header = ("block", "role", "tensor", "shape", "how")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        f"hidden size {stream.hidden}, {len(roles.blocks)} blocks, {len(stream.norms)} RMSNorms on the stream, "
+        f"{len(stream.writers)} writers" + (", tied embedding table shared with lm_head" if _tied(analysis) else ""),
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _tied(analysis: Analysis) -> bool:
+    roles = analysis.roles
+    if analysis.stream.embedding is None or roles.final is None:
+        return False
+    return any(entry.linear.weight == analysis.stream.embedding.table for entry in roles.final.readers)
