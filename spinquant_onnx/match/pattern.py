@@ -15,6 +15,9 @@ import onnx
 
 from spinquant_onnx.graph_index import TRANSPARENT_OPS, GraphIndex
 
+# Nodes a chain may carry on any edge without changing its meaning.
+PASS_THROUGH = frozenset({"QcQuantizeOp", "Identity"})
+
 
 @dataclass(frozen=True)
 class Var:
@@ -121,6 +124,10 @@ def match(index: GraphIndex, pattern: Pattern, tensor: str, state: Match | None 
                 return found
         return None
     node = index.producer.get(tensor)
+    skipped = []
+    while node is not None and node.op_type in PASS_THROUGH and node.op_type not in pattern.types:
+        skipped.append(node)  # AIMET puts a quantizer after nearly every op; it does not change the chain
+        node = index.producer.get(node.input[0])
     if node is None or node.op_type not in pattern.types or len(node.input) < len(pattern.inputs):
         return None
     if pattern.check is not None and not pattern.check(index, node):
@@ -130,7 +137,7 @@ def match(index: GraphIndex, pattern: Pattern, tensor: str, state: Match | None 
         orders.append([1, 0])
     for order in orders:
         result: Match | None = state.copy()
-        result.matched.append(node)
+        result.matched.extend([*skipped, node])
         if pattern.name:
             result.nodes[pattern.name] = node
         for slot, sub in zip(order, pattern.inputs, strict=True):
