@@ -26,7 +26,7 @@ __all__ = [
     "largest_supported_divisor",
 ]
 
-# Temporaries used while building Jacobsthal matrices are capped at about this many elements per chunk.
+# Chunked temporaries (Jacobsthal rows, fused-GEMM rows) are capped at about this many elements.
 _CHUNK_ELEMS = 1 << 22
 # Innermost-axis transforms fuse their first log2(_FUSED) butterfly stages into one small GEMM.
 _FUSED = 16

@@ -102,8 +102,10 @@ class Rotation:
 
 def _haar_orthogonal(b: int, seed: int) -> np.ndarray:
     """Haar-distributed orthogonal matrix: QR of a Gaussian with R's diagonal signs folded into Q."""
+    import scipy.linalg  # lazy: only this kind needs it; its QR is ~3x faster than numpy's here
+
     g = np.random.default_rng(seed).standard_normal((b, b))
-    q, r = np.linalg.qr(g)
+    q, r = scipy.linalg.qr(g, mode="economic", overwrite_a=True, check_finite=False)
     s = np.sign(np.diag(r))
     s[s == 0] = 1.0
     q *= s

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from spinquant_onnx.graph_index import GraphIndex
+from spinquant_onnx.graph_index import SHAPE_ONLY_OPS, GraphIndex
 from spinquant_onnx.match.linears import Linear
 from spinquant_onnx.match.norms import NormMatch
 from spinquant_onnx.match.residual import Stream
@@ -21,7 +21,7 @@ ATTENTION_OPS = {"Attention": (0, 1, 2), "GroupQueryAttention": (0, 1, 2), "Mult
 ACTIVATION_OPS = frozenset(
     {"Sigmoid", "Gelu", "FastGelu", "QuickGelu", "Tanh", "Erf", "Relu", "Softplus", "BiasGelu"}
 )
-SEARCH_LIMIT = 60
+SEARCH_LIMIT = 200
 
 
 @dataclass
@@ -59,18 +59,20 @@ class Roles:
         return entries
 
 
-def _forward(index: GraphIndex, start: str, limit: int = SEARCH_LIMIT):
-    """Breadth-first (node, input slot) pairs reachable from ``start``."""
-    frontier, seen, steps = [start], set(), 0
-    while frontier and steps < limit:
+def _forward(index: GraphIndex, start: str, limit: int = SEARCH_LIMIT, stop: frozenset[str] = frozenset()):
+    """Breadth-first (node, input slot, tensor) edges reachable from ``start``, not crossing ``stop`` tensors."""
+    frontier, expanded, edges = [start], {start}, 0
+    while frontier and edges < limit:
         name = frontier.pop(0)
         for use in index.users(name):
-            if id(use.node) in seen:
+            if use.node.op_type in SHAPE_ONLY_OPS:
                 continue
-            seen.add(id(use.node))
-            steps += 1
+            edges += 1
             yield use.node, use.index, name
-            frontier.extend(use.node.output)
+            for out in use.node.output:
+                if out and out not in expanded and out not in stop:
+                    expanded.add(out)
+                    frontier.append(out)
 
 
 def _feeds_softmax(index: GraphIndex, node: onnx.NodeProto) -> bool:
@@ -89,10 +91,10 @@ def _from_softmax(index: GraphIndex, tensor: str) -> bool:
     return False
 
 
-def attention_role(index: GraphIndex, linear: Linear) -> str | None:
+def attention_role(index: GraphIndex, linear: Linear, stop: frozenset[str]) -> str | None:
     """q, k, v (or qkv when one MatMul serves all three) from where the output enters attention."""
     slots = set()
-    for node, slot, _ in _forward(index, linear.output):
+    for node, slot, _ in _forward(index, linear.output, stop=stop):
         if node.op_type in ATTENTION_OPS:
             order = ATTENTION_OPS[node.op_type]
             if slot in order:
@@ -109,10 +111,9 @@ def attention_role(index: GraphIndex, linear: Linear) -> str | None:
     return slots.pop() if slots else None
 
 
-def reaches_attention(index: GraphIndex, linear: Linear) -> bool:
-    return any(
-        n.op_type == "Softmax" or n.op_type in ATTENTION_OPS for n, _, _ in _forward(index, linear.output)
-    )
+def reaches_attention(index: GraphIndex, linear: Linear, stop: frozenset[str]) -> bool:
+    found = _forward(index, linear.output, stop=stop)
+    return any(n.op_type == "Softmax" or n.op_type in ATTENTION_OPS for n, _, _ in found)
 
 
 def mlp_role(index: GraphIndex, linear: Linear, siblings: int) -> str:
@@ -136,12 +137,13 @@ def assign_roles(index: GraphIndex, stream: Stream) -> Roles:
         elif current is not None and current.writer is None:
             current.writer = RoleEntry("writer", event.writer)
     final = parts.pop() if parts and parts[-1].writer is None else None
+    stop = frozenset(stream.tensors)
     for part in parts:
         linears = [entry.linear for entry in part.readers]
-        if any(reaches_attention(index, lin) for lin in linears):
+        if any(reaches_attention(index, lin, stop) for lin in linears):
             part.kind = "attention"
             for entry in part.readers:
-                entry.role = attention_role(index, entry.linear) or "attn_in"
+                entry.role = attention_role(index, entry.linear, stop) or "attn_in"
             if part.writer:
                 part.writer.role = "o"
         else:
