@@ -8,26 +8,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
+from spinquant_onnx import checks
 from spinquant_onnx.errors import InputError, SpinQuantError, ValidationFailedError
 from spinquant_onnx.graph_index import GraphIndex
 from spinquant_onnx.graph_io import (
     TensorStore,
     commit_output,
     discard_output,
+    external_files,
     load_model,
+    output_data_name,
     save_model,
     set_tensor_data,
     staging_dir,
     uses_external_data,
 )
 from spinquant_onnx.match.residual import Stream, trace_stream
+from spinquant_onnx.match.role_map import import_roles
 from spinquant_onnx.match.roles import Roles, assign_roles
 from spinquant_onnx.rewrite.fuse_norms import plan_norm_fusion
 from spinquant_onnx.rewrite.plan import TensorPlan
 from spinquant_onnx.rewrite.rotate_r1 import plan_r1
 from spinquant_onnx.rotations import KINDS, make_rotation
+
+PRECISIONS = {"float64": np.float64, "float32": np.float32}
 
 
 @dataclass
@@ -41,10 +48,15 @@ class Options:
     providers: list[str] | None = None
     threshold: float = 1e-4
     in_place: bool = False
+    roles: Any = None
+    trust_roles: bool = False
+    precision: str = "float64"
 
     def __post_init__(self) -> None:
         if self.rotation not in KINDS:
             raise SpinQuantError(f"unknown rotation '{self.rotation}': choose one of {', '.join(KINDS)}")
+        if self.precision not in PRECISIONS:
+            raise SpinQuantError(f"unknown precision '{self.precision}': choose float64 or float32")
 
 
 @dataclass
@@ -89,17 +101,23 @@ class Report:
         }
 
 
-def analyze(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> Analysis:
-    """Run the matcher: the residual stream, its norms, readers and writers, and each weight's role."""
+def analyze(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None, roles: Any = None) -> Analysis:
+    """Run the matcher: the residual stream, its norms, readers and writers, and each weight's role.
+
+    ``roles`` (a role-map dict or JSON path, see ``inspect --json``) replaces matching with a checked map.
+    """
     store = TensorStore(model, base_dir)
     index = GraphIndex(model, store)
+    if roles is not None:
+        stream, found = import_roles(index, roles)
+        return Analysis(model, store, index, stream, found)
     stream = trace_stream(index)
     return Analysis(model, store, index, stream, assign_roles(index, stream))
 
 
 def _plan(analysis: Analysis, options: Options) -> tuple[TensorPlan, Report]:
     rotation = make_rotation(options.rotation, analysis.stream.hidden, options.seed, options.block_size)
-    plan = TensorPlan()
+    plan = TensorPlan(work=PRECISIONS[options.precision])
     fused = plan_norm_fusion(analysis.stream, analysis.store, plan)
     rotated = plan_r1(analysis.stream, rotation, plan)
     plan.finalize(analysis.index)
@@ -118,7 +136,7 @@ def _plan(analysis: Analysis, options: Options) -> tuple[TensorPlan, Report]:
         input=None,
         output=None,
         hidden=analysis.stream.hidden,
-        rotation=rotation.describe(),
+        rotation={**rotation.describe(), "precision": options.precision},
         norms_fused=fused,
         weights_rotated=rotated,
         tensors_rewritten=rewritten,
@@ -147,13 +165,16 @@ def apply_spinquant(model: Any, **options: Any) -> Report:
     """
     opts = Options(**options)
     proto = _as_model_proto(model)
+    if opts.roles is not None and not opts.trust_roles:
+        raise SpinQuantError("a role map in memory cannot be validated here; use convert(..., roles=...) "
+                             "or pass trust_roles=True")
     if uses_external_data(proto):
         raise InputError(
             "model has external data that is not loaded; load it with onnx.load(path) first "
             "or use spinquant_onnx.convert(in_path, out_path)"
         )
     started = time.perf_counter()
-    analysis = analyze(proto)
+    analysis = analyze(proto, roles=opts.roles)
     plan, report = _plan(analysis, opts)
     values = {name: plan.materialize(analysis.store, name) for name in plan.targets}
     for name, array in values.items():
@@ -174,13 +195,18 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
     """
     opts = Options(**options)
     in_path, out_path = Path(in_path), Path(out_path)
-    if in_path.resolve() == out_path.resolve() and not opts.in_place:
-        raise InputError(f"{out_path}: output is the input file; pass --in-place to overwrite it")
+    checks.check_output_path(in_path, out_path, in_place=opts.in_place)
+    checks.check_load_memory(in_path)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     model = load_model(in_path)
-    analysis = analyze(model, in_path.parent)
+    input_files = {in_path.resolve(), *external_files(model, in_path.parent)}
+    checks.check_output_path(in_path, out_path, input_files - {in_path.resolve()}, in_place=opts.in_place)
+    analysis = analyze(model, in_path.parent, roles=opts.roles)
+    if opts.roles is not None and not opts.trust_roles:
+        opts.validate = True  # a hand-edited map may assert what the graph does not do: check the result
     plan, report = _plan(analysis, opts)
+    checks.preflight(model, analysis.store, plan, in_path.stat().st_size, validate=opts.validate)
     timings["analyze"] = round(time.perf_counter() - started, 4)
     staging = staging_dir(out_path)
     try:
@@ -188,8 +214,9 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
         staged = save_model(
             model,
             staging / out_path.name,
-            lambda name: plan.materialize(analysis.store, name),
+            checks.checked_values(plan, analysis.store),
             external=True if uses_external_data(model) else None,
+            data_name=output_data_name(out_path),
         )
         timings["rotate_and_write"] = round(time.perf_counter() - mark, 4)
         if opts.validate:
@@ -205,7 +232,7 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
                     f"(threshold {opts.threshold:g}), "
                     f"argmax agreement {result.argmax_agreement:.4f}; no output written"
                 )
-        commit_output(staged, out_path)
+        commit_output(staged, out_path, protect=() if opts.in_place else input_files)
     except BaseException:
         discard_output(staging)
         raise

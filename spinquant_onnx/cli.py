@@ -40,13 +40,18 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
         validate=args.validate,
         providers=args.providers,
         in_place=args.in_place,
+        roles=args.roles,
+        precision=args.precision,
+        trust_roles=args.trust_roles,
     )
     data = report.to_dict()
     if args.report:
         _write_json(args.report, data)
     rot = data["rotation"]
     print(
-        f"wrote {args.output}: R1 {rot['kind']} (n={rot['n']}, seed {args.seed}) over {data['blocks']} blocks, "
+        f"wrote {args.output}: R1 {rot['kind']} (n={rot['n']}"
+        + (f", blocks of {rot['block_size']}" if rot.get("block_size") else "")
+        + f", seed {args.seed}, {rot['precision']}) over {data['blocks']} blocks, "
         f"{data['norms_fused']} norms fused, {len(data['tensors_rewritten'])} tensors rewritten "
         f"in {data['timings_s']['total']:.2f}s"
     )
@@ -65,7 +70,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from spinquant_onnx.inspect_view import render
 
     path = Path(args.input)
-    print(render(analyze(load_model(path), path.parent)))
+    analysis = analyze(load_model(path), path.parent)
+    print(render(analysis))
+    if args.json:
+        from spinquant_onnx.match.role_map import export_roles, write_roles
+
+        write_roles(export_roles(analysis.index, analysis.stream, analysis.roles), args.json)
+        print(f"role map written to {args.json}")
     return 0
 
 
@@ -88,12 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma list for --validate, e.g. cuda,cpu (default: cuda if it loads, else cpu)")
     rotate.add_argument("--report", help="write a JSON report here")
     rotate.add_argument("--in-place", action="store_true", help="allow OUT to be the same file as IN")
+    rotate.add_argument("--precision", choices=("float64", "float32"), default="float64",
+                        help="arithmetic of the rotation (default float64; float32 halves the working memory)")
+    rotate.add_argument("--roles", metavar="ROLES.json", help="use this role map instead of matching (validates)")
+    rotate.add_argument("--trust-roles", action="store_true", help="with --roles: skip the forced validation")
     rotate.set_defaults(func=_cmd_rotate)
 
     inspect = sub.add_parser("inspect", help="print the blocks, norms and linear roles the matcher finds")
     inspect.add_argument("input")
+    inspect.add_argument("--json", metavar="ROLES.json", help="also write the role map (editable; see README)")
     inspect.set_defaults(func=_cmd_inspect)
     return parser
+
+
+def _say(kind: str, message: object) -> None:
+    """One line on stderr whatever the message holds (library errors often span several)."""
+    print(f"spinquant-onnx: {kind}: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,15 +125,26 @@ def main(argv: list[str] | None = None) -> int:
     except SpinQuantError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"spinquant-onnx: error: {exc}", file=sys.stderr)
+        _say("error", exc)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("spinquant-onnx: interrupted; no output written", file=sys.stderr)
+        _say("interrupted", "no output written")
         return 130
+    except MemoryError:
+        if args.debug:
+            traceback.print_exc()
+        _say("error", "ran out of memory; no output written (free memory, or keep weights in external data)")
+        return 2
+    except OSError as exc:  # a file operation no check foresaw (I/O error, disk full): still the user's to fix
+        if args.debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        _say("error", f"{where}{exc.strerror or exc}; no output written")
+        return 2
     except Exception as exc:  # an unexpected failure is still one line unless --debug
         if args.debug:
             traceback.print_exc()
-        print(f"spinquant-onnx: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
+        _say("internal error", f"{type(exc).__name__}: {exc} (rerun with --debug)")
         return 3
 
 

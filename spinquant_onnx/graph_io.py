@@ -2,29 +2,49 @@
 
 Initializers stored as external data are memory-mapped and read one at a time; the writer streams each
 rewritten tensor to disk as it is produced, so peak memory stays near the largest single tensor rather
-than the model's size. Output always goes to a temporary file in the destination folder and is renamed
-at the end, so a failed or killed run leaves no partial model behind.
+than the model's size. Output is written to a hidden staging folder beside the destination and renamed
+into place at the end (see ``commit_output``), so a failed or killed run leaves either the previous
+output or none, never a partial one. Every problem with the input file surfaces as one ``InputError``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import re
+import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
-from spinquant_onnx.errors import InputError
+from spinquant_onnx.errors import InputError, SpinQuantError
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Leave headroom for the graph itself when deciding whether weights fit inside one protobuf.
 EMBED_LIMIT = 1_800_000_000
 ALIGN = 64
+# More elements than any real tensor: guards the size arithmetic against hostile dims.
+MAX_ELEMENTS = 1 << 48
+# Element types stored several to a byte (raw data is packed; numpy_helper packs and unpacks them).
+SUB_BYTE_BITS = {
+    getattr(TensorProto, name): bits
+    for name, bits in (
+        ("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2), ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6)
+    )
+    if hasattr(TensorProto, name)
+}
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]+\.partial$")
+
+
+def one_line(text: object) -> str:
+    """A message squeezed onto one line (library errors often span several)."""
+    return " ".join(str(text).split())
 
 
 def np_dtype(elem_type: int) -> np.dtype:
@@ -35,17 +55,142 @@ def np_dtype(elem_type: int) -> np.dtype:
         raise InputError(f"unsupported tensor element type {elem_type}") from exc
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Parse the graph only; weights stay on disk until asked for."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
+def type_name(elem_type: int) -> str:
     try:
-        return onnx.load(str(path), load_external_data=False)
-    except DecodeError as exc:
-        raise InputError(f"{path}: not a valid ONNX protobuf (truncated or corrupt file?)") from exc
-    except Exception as exc:  # onnx raises several unrelated types for malformed files
-        raise InputError(f"{path}: cannot parse ONNX model ({type(exc).__name__}: {exc})") from exc
+        return TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:
+        return f"type {elem_type}"
+
+
+def storage_nbytes(elem_type: int, shape: Iterable[int]) -> int:
+    """Bytes a tensor of this type and shape takes in raw_data / external data (sub-byte types packed)."""
+    count = int(np.prod(list(shape), dtype=np.int64))
+    bits = SUB_BYTE_BITS.get(elem_type)
+    if bits is not None:
+        return (count * bits + 7) // 8
+    return count * np_dtype(elem_type).itemsize
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse the graph only (weights stay on disk) and check it is a whole, well-formed model.
+
+    Checks what a later step would otherwise trip over mid-write: a graph that is not topologically
+    sorted or reads a tensor nothing produces (truncated or edited files), initializers whose bytes do not
+    match their shape, and external data that is missing or lies outside the model's folder.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; pass the .onnx file inside it")
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{path}: empty file, not an ONNX model")
+    if size > PROTOBUF_LIMIT:
+        raise InputError(
+            f"{path}: {size / 2**30:.1f} GiB is over protobuf's 2 GiB limit, so it cannot be one ONNX model; "
+            "a model this large must keep its weights in external data files"
+        )
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({one_line(exc.strerror or exc)})") from exc
+    except Exception as exc:  # protobuf and onnx raise several unrelated types for malformed files
+        raise InputError(f"{path}: not a valid ONNX model (truncated or corrupt file?): {one_line(exc)}") from exc
+    check_model_structure(model, path)
+    check_initializers(model, path.parent)
+    return model
+
+
+def check_model_structure(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse files that parsed as a protobuf but are not a complete, topologically sorted ONNX graph."""
+    if not model.HasField("graph") or not model.graph.node:
+        raise InputError(f"{path}: not an ONNX model (no graph nodes; truncated or not an .onnx file?)")
+    if not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
+        raise InputError(f"{path}: the model imports no ONNX opset (truncated or corrupt file?)")
+    graph = model.graph
+    names = [t.name for t in graph.initializer]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise InputError(f"{path}: initializer '{twice}' is defined twice; the graph is corrupt")
+    known = {i.name for i in graph.input} | set(names)
+    known |= {t.values.name for t in graph.sparse_initializer}
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in known:
+                raise InputError(
+                    f"{path}: node {_label(node)} reads '{name}', which no earlier node, initializer or graph "
+                    "input produces (graph truncated, edited or not topologically sorted)"
+                )
+        for name in node.output:
+            if not name:
+                continue
+            if name in known:
+                raise InputError(
+                    f"{path}: tensor '{name}' is produced twice (again by node {_label(node)}); the graph is corrupt"
+                )
+            known.add(name)
+    for output in graph.output:
+        if output.name not in known:
+            raise InputError(f"{path}: graph output '{output.name}' is produced by no node (truncated graph?)")
+
+
+def _label(node: onnx.NodeProto) -> str:
+    first = node.output[0] if node.output else ""
+    return f"'{node.name}' ({node.op_type})" if node.name else f"{node.op_type} -> '{first}'"
+
+
+def check_initializers(model: onnx.ModelProto, base_dir: Path | None) -> None:
+    """Every initializer has a known type, sane dims and exactly the bytes its shape needs, on disk or inline."""
+    for tensor in model.graph.initializer:
+        dims = list(tensor.dims)
+        if any(d < 0 for d in dims) or math.prod(max(d, 0) for d in dims) > MAX_ELEMENTS:
+            raise InputError(f"initializer '{tensor.name}': invalid shape {dims}")
+        if tensor.data_type == TensorProto.UNDEFINED:
+            raise InputError(f"initializer '{tensor.name}': element type is undefined (corrupt file?)")
+        np_dtype(tensor.data_type)
+        if tensor.data_location == TensorProto.EXTERNAL:
+            external_span(tensor, base_dir)
+        elif tensor.HasField("raw_data") and tensor.data_type != TensorProto.STRING:
+            expected = storage_nbytes(tensor.data_type, dims)
+            if len(tensor.raw_data) != expected:
+                raise InputError(
+                    f"initializer '{tensor.name}': {len(tensor.raw_data)} bytes of data for shape {dims} "
+                    f"({type_name(tensor.data_type)}, {expected} bytes expected); the file is corrupt"
+                )
+    for tensor, where in _other_tensors(model.graph):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            raise InputError(
+                f"tensor '{tensor.name}' in {where} uses external data, which is only supported for initializers "
+                "of the main graph; re-save the model with onnx.save(..., save_as_external_data=True)"
+            )
+
+
+def _other_tensors(graph: onnx.GraphProto, top: bool = True) -> Iterator[tuple[TensorProto, str]]:
+    """Tensors outside the main graph's initializer list: node attributes, subgraphs, sparse initializers."""
+    if not top:
+        for tensor in graph.initializer:
+            yield tensor, f"a subgraph of '{graph.name}'"
+    for sparse in graph.sparse_initializer:
+        yield sparse.values, "a sparse initializer"
+        yield sparse.indices, "a sparse initializer"
+    for node in graph.node:
+        for attr in node.attribute:
+            where = f"attribute '{attr.name}' of node {_label(node)}"
+            if attr.HasField("t"):
+                yield attr.t, where
+            for tensor in attr.tensors:
+                yield tensor, where
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor.values, where
+            subgraphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+            for subgraph in subgraphs:
+                yield from _other_tensors(subgraph, top=False)
 
 
 def _external_info(tensor: TensorProto) -> dict[str, str]:
@@ -54,6 +199,52 @@ def _external_info(tensor: TensorProto) -> dict[str, str]:
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def resolve_location(tensor: TensorProto, base_dir: Path | None) -> Path:
+    """The file holding an external tensor, refusing anything outside ``base_dir`` (``..``, absolute, links)."""
+    location = _external_info(tensor).get("location", "")
+    where = f"initializer '{tensor.name}': external data path {location!r}"
+    if base_dir is None:
+        raise InputError(f"{where} but the model's folder is unknown; pass a file path")
+    if not location or "\0" in location or os.path.isabs(location) or ".." in Path(location).parts:
+        raise InputError(f"{where} points outside the model's folder; refusing to read it")
+    base = base_dir.resolve()
+    path = (base / location).resolve()
+    if base not in path.parents:
+        raise InputError(f"{where} points outside the model's folder (through a link); refusing to read it")
+    if not path.exists():
+        raise InputError(f"{where}: file is missing; copy it beside the model")
+    if not path.is_file():
+        raise InputError(f"{where} is not a regular file")
+    return path
+
+
+def external_span(tensor: TensorProto, base_dir: Path | None) -> tuple[Path, int, int]:
+    """(file, offset, length) of an external tensor, checked against its shape and the file's size."""
+    info = _external_info(tensor)
+    path = resolve_location(tensor, base_dir)
+    expected = storage_nbytes(tensor.data_type, tensor.dims)
+    try:
+        offset = int(info.get("offset", "0") or 0)
+        length = int(info.get("length", str(expected)) or expected)
+    except ValueError as exc:
+        raise InputError(f"initializer '{tensor.name}': external data offset/length is not a number") from exc
+    size = path.stat().st_size
+    if offset < 0 or length != expected or offset + expected > size:
+        raise InputError(
+            f"initializer '{tensor.name}': external data file '{info.get('location')}' ({size} bytes) does not hold "
+            f"{expected} bytes at offset {offset} for shape {list(tensor.dims)} ({type_name(tensor.data_type)}); "
+            "the data file is truncated or belongs to another model"
+        )
+    return path, offset, expected
+
+
+def external_files(model: onnx.ModelProto, base_dir: Path) -> set[Path]:
+    """The resolved data files a model's initializers live in."""
+    return {
+        resolve_location(t, base_dir) for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL
+    }
 
 
 class TensorStore:
@@ -78,7 +269,7 @@ class TensorStore:
         return np_dtype(self.tensors[name].data_type)
 
     def nbytes(self, name: str) -> int:
-        return int(np.prod(self.shape(name), dtype=np.int64)) * self.dtype(name).itemsize
+        return storage_nbytes(self.tensors[name].data_type, self.shape(name))
 
     def array(self, name: str) -> np.ndarray:
         """The tensor's values; a read-only memory map for external data."""
@@ -87,8 +278,8 @@ class TensorStore:
             return self._read_external(tensor)
         dtype = self.dtype(name)
         shape = self.shape(name)
-        if tensor.HasField("raw_data"):
-            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if tensor.HasField("raw_data") and tensor.data_type not in SUB_BYTE_BITS and dtype.kind != "O":
+            expected = storage_nbytes(tensor.data_type, shape)
             if len(tensor.raw_data) != expected:
                 raise InputError(
                     f"initializer '{name}': {len(tensor.raw_data)} bytes of data for shape {list(shape)} "
@@ -97,41 +288,23 @@ class TensorStore:
             return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(shape)
         try:
             return numpy_helper.to_array(tensor)
-        except Exception as exc:
-            raise InputError(f"initializer '{name}': cannot decode ({exc})") from exc
+        except Exception as exc:  # numpy_helper raises ValueError, TypeError, ... for malformed fields
+            raise InputError(f"initializer '{name}': cannot decode its data ({one_line(exc)})") from exc
 
     def resolve_location(self, tensor: TensorProto) -> Path:
-        info = _external_info(tensor)
-        location = info.get("location", "")
-        if self.base_dir is None:
-            raise InputError(f"initializer '{tensor.name}': external data '{location}' but no model folder")
-        if not location or os.path.isabs(location) or ".." in Path(location).parts:
-            raise InputError(
-                f"initializer '{tensor.name}': external data path '{location}' points outside the model's folder"
-            )
-        path = (self.base_dir / location).resolve()
-        if self.base_dir not in path.parents:
-            raise InputError(
-                f"initializer '{tensor.name}': external data path '{location}' points outside the model's folder"
-            )
-        if not path.is_file():
-            raise InputError(f"initializer '{tensor.name}': external data file '{location}' is missing")
-        return path
+        return resolve_location(tensor, self.base_dir)
 
     def _read_external(self, tensor: TensorProto) -> np.ndarray:
-        info = _external_info(tensor)
-        path = self.resolve_location(tensor)
+        path, offset, length = external_span(tensor, self.base_dir)
         dtype = np_dtype(tensor.data_type)
         shape = tuple(int(d) for d in tensor.dims)
-        offset = int(info.get("offset", 0))
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        length = int(info.get("length", expected))
-        if length != expected or offset + expected > path.stat().st_size:
-            raise InputError(
-                f"initializer '{tensor.name}': external data in '{info.get('location')}' does not hold "
-                f"{expected} bytes at offset {offset} for shape {list(shape)}"
-            )
-        if expected == 0:
+        if tensor.data_type in SUB_BYTE_BITS:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                packed = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=shape)
+                packed.raw_data = handle.read(length)
+            return numpy_helper.to_array(packed)
+        if length == 0:
             return np.zeros(shape, dtype=dtype)
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
@@ -139,7 +312,7 @@ class TensorStore:
 def set_tensor_data(tensor: TensorProto, values: np.ndarray) -> None:
     """Replace a TensorProto's values in place, keeping its name and element type."""
     dtype = np_dtype(tensor.data_type)
-    values = np.ascontiguousarray(values, dtype=dtype)
+    values = np.ascontiguousarray(values, dtype=dtype) if dtype.kind != "O" else np.asarray(values)
     name = tensor.name
     new = numpy_helper.from_array(values, name)
     new.data_type = tensor.data_type
@@ -148,14 +321,80 @@ def set_tensor_data(tensor: TensorProto, values: np.ndarray) -> None:
     tensor.name = name
 
 
+def _raw_bytes(values: np.ndarray, elem_type: int) -> bytes:
+    values = np.ascontiguousarray(values, dtype=np_dtype(elem_type))
+    if elem_type in SUB_BYTE_BITS:
+        return numpy_helper.from_array(values).raw_data  # packs two (or four) values per byte
+    return values.tobytes()
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
 TensorSource = Callable[[str], np.ndarray]
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_staging(out_path: Path) -> list[Path]:
+    """Remove staging folders for ``out_path`` left by runs that were killed (their process is gone)."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in out_path.parent.iterdir():
+            found = _STAGING.match(entry.name)
+            if found and found["name"] == out_path.name and entry.is_dir() and not _pid_alive(int(found["pid"])):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
 def staging_dir(out_path: str | os.PathLike) -> Path:
-    """A fresh hidden folder beside ``out_path``: outputs are written and checked there, then moved."""
+    """A fresh hidden folder beside ``out_path``: outputs are written and checked there, then moved.
+
+    Named ``.<out name>.<pid>-<random>.partial``; folders left by killed runs are removed here.
+    """
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent))
+    if out_path.is_dir():
+        raise SpinQuantError(f"{out_path}: output is an existing folder; give a file name such as model.onnx")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_staging(out_path)
+        prefix = f".{out_path.name}.{os.getpid()}-"
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=out_path.parent))
+    except OSError as exc:
+        raise SpinQuantError(
+            f"{out_path.parent}: cannot write the output there ({one_line(exc.strerror or exc)})"
+        ) from exc
+
+
+def output_data_name(out_path: str | os.PathLike) -> str:
+    """Name for the output's external-data file: ``<out>.data`` unless a file of that name exists.
+
+    Never reusing an existing name means the model file's rename is the single commit point: until it
+    happens the previous output (or the input, with --in-place) still finds its own data file intact.
+    """
+    out_path = Path(out_path)
+    name = out_path.name + ".data"
+    while (out_path.parent / name).exists() or (out_path.parent / name).is_symlink():
+        name = f"{out_path.name}.{secrets.token_hex(4)}.data"
+    return name
+
+
+def _fsync(path: Path) -> None:
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    with contextlib.suppress(OSError):
+        fd = os.open(path, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_model(
@@ -164,71 +403,113 @@ def save_model(
     tensor_values: TensorSource,
     *,
     external: bool | None = None,
+    data_name: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[Path]:
     """Write ``model`` to ``path`` (in a staging folder), pulling each initializer from ``tensor_values``.
 
     ``tensor_values(name)`` is called once per initializer, in graph order, so a caller can compute
-    rewritten tensors lazily and only one is in memory at a time. With external data, all tensors go
-    to ``<name>.data`` beside the model. Returns the files written.
+    rewritten tensors lazily and only one is in memory at a time. With external data, all tensors
+    (strings excepted) go to ``data_name`` (default ``<name>.data``) beside the model. Files are synced
+    to disk before returning. Returns the files written, the model first.
     """
     path = Path(path)
-    total = sum(
-        int(np.prod(t.dims, dtype=np.int64)) * np_dtype(t.data_type).itemsize for t in model.graph.initializer
-    )
+    try:
+        return _save_model(model, path, tensor_values, external, data_name or path.name + ".data", progress)
+    except OSError as exc:
+        raise SpinQuantError(f"{path.parent}: writing the output failed ({one_line(exc.strerror or exc)})") from exc
+
+
+def _save_model(
+    model: onnx.ModelProto,
+    path: Path,
+    tensor_values: TensorSource,
+    external: bool | None,
+    data_name: str,
+    progress: Callable[[int], None] | None,
+) -> list[Path]:
+    total = sum(storage_nbytes(t.data_type, t.dims) for t in model.graph.initializer)
     if external is None:
         external = total > EMBED_LIMIT
     header = onnx.ModelProto()
     header.CopyFrom(model)
     written = [path]
     if external:
-        data_name = path.name + ".data"
         written.append(path.parent / data_name)
         with open(path.parent / data_name, "wb") as data_file:
             offset = 0
             for tensor in header.graph.initializer:
-                values = np.ascontiguousarray(tensor_values(tensor.name), dtype=np_dtype(tensor.data_type))
+                values = tensor_values(tensor.name)
+                if tensor.data_type == TensorProto.STRING:
+                    set_tensor_data(tensor, values)  # strings have no raw layout: they stay inline
+                    continue
+                raw = _raw_bytes(values, tensor.data_type)
                 pad = (-offset) % ALIGN
                 if pad:
                     data_file.write(b"\0" * pad)
                     offset += pad
-                raw = values.tobytes()
                 data_file.write(raw)
                 dims, data_type, name = list(tensor.dims), tensor.data_type, tensor.name
                 tensor.Clear()
                 tensor.name, tensor.data_type = name, data_type
                 tensor.dims.extend(dims)
                 tensor.data_location = TensorProto.EXTERNAL
-                for key, value in (
-                    ("location", data_name),
-                    ("offset", str(offset)),
-                    ("length", str(len(raw))),
-                ):
+                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
                     entry = tensor.external_data.add()
                     entry.key, entry.value = key, value
                 offset += len(raw)
                 if progress:
                     progress(len(raw))
                 del values, raw
+            data_file.flush()
+            os.fsync(data_file.fileno())
     else:
         for tensor in header.graph.initializer:
             values = tensor_values(tensor.name)
             set_tensor_data(tensor, values)
             if progress:
-                progress(values.nbytes)
+                progress(int(getattr(values, "nbytes", 0)))
     with open(path, "wb") as handle:
         handle.write(header.SerializeToString())
+        handle.flush()
+        os.fsync(handle.fileno())
     return written
 
 
-def commit_output(staged: list[Path], out_path: str | os.PathLike) -> None:
-    """Move staged files into place (data first, so a model file never names missing data)."""
+def commit_output(
+    staged: list[Path], out_path: str | os.PathLike, protect: Iterable[str | os.PathLike] = ()
+) -> None:
+    """Move staged files into place; the model file's rename is the one moment the output changes.
+
+    Data files carry names no existing file has (``output_data_name``), so they are moved in first without
+    touching the previous output. After the model is renamed over ``out_path``, data files of earlier
+    versions (``<out>.data``, ``<out>.<hex>.data``) that the new model does not use are deleted, except
+    any in ``protect`` (the input's own files).
+    """
     out_path = Path(out_path)
     model_file, *data_files = staged
-    for data in data_files:
-        os.replace(data, out_path.parent / (out_path.name + ".data"))
-    os.replace(model_file, out_path)
+    try:
+        for data in data_files:
+            os.replace(data, out_path.parent / data.name)
+        os.replace(model_file, out_path)
+        _fsync(out_path.parent)
+    except OSError as exc:
+        reason = one_line(exc.strerror or exc)
+        raise SpinQuantError(f"{out_path}: cannot move the output into place ({reason})") from exc
     shutil.rmtree(model_file.parent, ignore_errors=True)
+    keep = {Path(p).resolve() for p in protect} | {(out_path.parent / d.name).resolve() for d in data_files}
+    for old in stale_data_files(out_path):
+        if old.resolve() not in keep:
+            with contextlib.suppress(OSError):
+                old.unlink()
+
+
+def stale_data_files(out_path: Path) -> list[Path]:
+    """Files named like this tool's data files for ``out_path``: ``<out>.data`` and ``<out>.<hex>.data``."""
+    pattern = re.compile(re.escape(out_path.name) + r"(\.[0-9a-f]{8})?\.data")
+    with contextlib.suppress(OSError):
+        return [p for p in out_path.parent.iterdir() if pattern.fullmatch(p.name) and not p.is_dir()]
+    return []
 
 
 def discard_output(staging: Path) -> None:

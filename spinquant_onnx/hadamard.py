@@ -267,9 +267,9 @@ def _butterflies(y: np.ndarray) -> None:
     if post == 1 and p2 >= 4:
         h = min(_FUSED, p2)
         flat = y.reshape(-1, h)
-        hl = _sylvester(h)
+        hl = _sylvester(h).astype(y.dtype, copy=False)
         rows = max(1, _CHUNK_ELEMS // h)
-        tmp = np.empty((min(rows, flat.shape[0]), h))
+        tmp = np.empty((min(rows, flat.shape[0]), h), dtype=y.dtype)
         for r0 in range(0, flat.shape[0], rows):
             chunk = flat[r0 : r0 + rows]
             out = tmp[: len(chunk)]
@@ -277,7 +277,7 @@ def _butterflies(y: np.ndarray) -> None:
             chunk[...] = out
     if h >= p2:
         return
-    buf = np.empty(y.size // 2)
+    buf = np.empty(y.size // 2, dtype=y.dtype)
     while h < p2:
         v = y.reshape(pre, p2 // (2 * h), 2, h * post)
         a, b = v[:, :, 0], v[:, :, 1]
@@ -330,11 +330,12 @@ def _transform3(y: np.ndarray, normalize: bool, transpose: bool) -> np.ndarray:
     scale = 1.0 / math.sqrt(n)
     if m == 1:
         if normalize:
-            y *= scale
+            y *= y.dtype.type(scale)
         return y
     a = base_matrix(m).T if transpose else base_matrix(m)
     if normalize:
         a = a * scale
+    a = a.astype(y.dtype, copy=False)
     return _contract(y.reshape(pre, m, p2 * post), a).reshape(y.shape)
 
 

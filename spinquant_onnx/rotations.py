@@ -42,16 +42,16 @@ class Rotation:
         """Order of one diagonal block (n when unblocked)."""
         return self.block_size or self.n
 
-    def apply(self, x: np.ndarray, axis: int) -> np.ndarray:
-        """y = x @ R along `axis` (float64 result; x may be any float dtype, including bfloat16)."""
-        return self._apply(x, axis, transpose=False)
+    def apply(self, x: np.ndarray, axis: int, dtype: type = np.float64) -> np.ndarray:
+        """y = x @ R along `axis`, computed in `dtype` (float64 unless the user asked for float32)."""
+        return self._apply(x, axis, transpose=False, dtype=dtype)
 
-    def apply_transpose(self, x: np.ndarray, axis: int) -> np.ndarray:
+    def apply_transpose(self, x: np.ndarray, axis: int, dtype: type = np.float64) -> np.ndarray:
         """y = x @ R^T along `axis`: the inverse of apply."""
-        return self._apply(x, axis, transpose=True)
+        return self._apply(x, axis, transpose=True, dtype=dtype)
 
-    def _apply(self, x: np.ndarray, axis: int, transpose: bool) -> np.ndarray:
-        y = np.array(x, dtype=np.float64, order="C")  # the one copy we own and may overwrite
+    def _apply(self, x: np.ndarray, axis: int, transpose: bool, dtype: type = np.float64) -> np.ndarray:
+        y = np.array(x, dtype=dtype, order="C")  # the one copy we own and may overwrite
         axis = _norm_axis(y, axis)
         if y.shape[axis] != self.n:
             raise SpinQuantError(
@@ -65,7 +65,7 @@ class Rotation:
     def _apply_blocks(self, y3: np.ndarray, transpose: bool) -> np.ndarray:
         """R_B (or R_B^T) along axis 1 of an owned C-contiguous float64 (pre, B, post) array."""
         if self.dense is not None:
-            return _contract(y3, self.dense.T if transpose else self.dense)
+            return _contract(y3, (self.dense.T if transpose else self.dense).astype(y3.dtype, copy=False))
         d = None if self.signs is None else self.signs[:, None]
         if d is not None and not transpose:
             y3 *= d  # x @ (D H) = (x * d) @ H

@@ -22,8 +22,12 @@ def _assert_hadamard(h: np.ndarray) -> None:
     n = h.shape[0]
     assert h.shape == (n, n)
     assert np.all(np.abs(h) == 1.0)
-    h32 = h.astype(np.float32)  # integer sums < 2**24: float32 GEMM is exact and fast
-    np.testing.assert_array_equal(h32 @ h32.T, n * np.eye(n, dtype=np.float32))
+    if n <= 2048:
+        h32 = h.astype(np.float32)  # integer sums < 2**24: float32 GEMM is exact
+        hht = h32 @ h32.T
+    else:  # H @ H^T through the fast transform (checked against dense products below): exact integer sums
+        hht = hadamard_transform(h, 1, normalize=False, transpose=True)
+    np.testing.assert_array_equal(hht, n * np.eye(n))
 
 
 def _dense_ref(x: np.ndarray, h: np.ndarray, axis: int) -> np.ndarray:

@@ -126,8 +126,15 @@ def mlp_role(index: GraphIndex, linear: Linear, siblings: int) -> str:
     return "up"
 
 
-def assign_roles(index: GraphIndex, stream: Stream) -> Roles:
-    """Pair each norm with the next writer into sub-blocks, and name every linear's role."""
+ATTENTION_ROLES = frozenset({"q", "k", "v", "qkv", "qk", "qv", "kv", "attn_in"})
+
+
+def assign_roles(index: GraphIndex, stream: Stream, given: dict[str, str] | None = None) -> Roles:
+    """Pair each norm with the next writer into sub-blocks, and name every linear's role.
+
+    ``given`` (from a user's role map) names roles by each linear's node output; otherwise they are
+    inferred from the dataflow.
+    """
     parts: list[SubBlock] = []
     current: SubBlock | None = None
     for event in stream.events:
@@ -137,6 +144,23 @@ def assign_roles(index: GraphIndex, stream: Stream) -> Roles:
         elif current is not None and current.writer is None:
             current.writer = RoleEntry("writer", event.writer)
     final = parts.pop() if parts and parts[-1].writer is None else None
+    if given is not None:
+        _apply_given(parts, final, given)
+    else:
+        _infer(index, stream, parts, final)
+    blocks: list[Block] = []
+    for part in parts:
+        if (
+            not blocks
+            or (part.kind == "attention" and blocks[-1].parts)
+            or any(p.kind == part.kind for p in blocks[-1].parts)
+        ):
+            blocks.append(Block(len(blocks)))
+        blocks[-1].parts.append(part)
+    return Roles(blocks, final, stream.embedding.table if stream.embedding else None)
+
+
+def _infer(index: GraphIndex, stream: Stream, parts: list[SubBlock], final: SubBlock | None) -> None:
     stop = frozenset(stream.tensors)
     for part in parts:
         linears = [entry.linear for entry in part.readers]
@@ -156,13 +180,13 @@ def assign_roles(index: GraphIndex, stream: Stream) -> Roles:
         final.kind = "final"
         for entry in final.readers:
             entry.role = "lm_head"
-    blocks: list[Block] = []
-    for part in parts:
-        if (
-            not blocks
-            or (part.kind == "attention" and blocks[-1].parts)
-            or any(p.kind == part.kind for p in blocks[-1].parts)
-        ):
-            blocks.append(Block(len(blocks)))
-        blocks[-1].parts.append(part)
-    return Roles(blocks, final, stream.embedding.table if stream.embedding else None)
+
+
+def _apply_given(parts: list[SubBlock], final: SubBlock | None, given: dict[str, str]) -> None:
+    for part in [*parts, *([final] if final else [])]:
+        for entry in part.readers + ([part.writer] if part.writer else []):
+            entry.role = given.get(entry.linear.node.output[0], entry.role)
+        roles = {entry.role for entry in part.readers}
+        part.kind = "attention" if roles & ATTENTION_ROLES else "mlp"
+    if final is not None:
+        final.kind = "final"

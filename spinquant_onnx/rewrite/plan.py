@@ -38,17 +38,18 @@ class TensorOp:
         vec = None if self.vector is None else self.vector.tobytes()
         return (self.kind, self.axis, vec, id(self.rotation), self.value)
 
-    def apply(self, values: np.ndarray) -> np.ndarray:
+    def apply(self, values: np.ndarray, work: type = np.float64) -> np.ndarray:
+        """The op in the working precision ``work`` (float64 by default)."""
         if self.kind == "fill":
-            return np.full(values.shape, self.value, dtype=np.float64)
+            return np.full(values.shape, self.value, dtype=work)
         if self.kind == "scale":
             shape = [1] * values.ndim
             shape[self.axis] = -1
-            return values * self.vector.reshape(shape)
+            return values * self.vector.astype(work).reshape(shape)
         if self.kind == "rotate":
-            return self.rotation.apply(values, self.axis)
+            return self.rotation.apply(values, self.axis, dtype=work)
         if self.kind == "rotate_t":
-            return self.rotation.apply_transpose(values, self.axis)
+            return self.rotation.apply_transpose(values, self.axis, dtype=work)
         raise ValueError(self.kind)
 
 
@@ -68,8 +69,8 @@ def fill(value: float, note: str = "") -> TensorOp:
     return TensorOp("fill", value=value, note=note)
 
 
-def run_ops(values: np.ndarray, ops: tuple[TensorOp, ...], dtype: np.dtype) -> np.ndarray:
-    """Apply ``ops`` in float64 and cast to ``dtype``, in chunks when every op works on one axis."""
+def run_ops(values: np.ndarray, ops: tuple[TensorOp, ...], dtype: np.dtype, work: type = np.float64) -> np.ndarray:
+    """Apply ``ops`` in ``work`` precision and cast to ``dtype``, in chunks when every op works on one axis."""
     axes = {op.axis for op in ops if op.kind != "fill"}
     if len(axes) == 1 and values.ndim >= 2 and values.size > CHUNK_ELEMENTS:
         axis = axes.pop()
@@ -79,15 +80,15 @@ def run_ops(values: np.ndarray, ops: tuple[TensorOp, ...], dtype: np.dtype) -> n
         for start in range(0, values.shape[other], step):
             window = [slice(None)] * values.ndim
             window[other] = slice(start, start + step)
-            out[tuple(window)] = _run_all(values[tuple(window)], ops).astype(dtype)
+            out[tuple(window)] = _run_all(values[tuple(window)], ops, work).astype(dtype)
         return out
-    return _run_all(values, ops).astype(dtype)
+    return _run_all(values, ops, work).astype(dtype)
 
 
-def _run_all(values: np.ndarray, ops: tuple[TensorOp, ...]) -> np.ndarray:
-    result = np.asarray(values, dtype=np.float64)
+def _run_all(values: np.ndarray, ops: tuple[TensorOp, ...], work: type) -> np.ndarray:
+    result = np.asarray(values, dtype=work)
     for op in ops:
-        result = op.apply(result)
+        result = op.apply(result, work)
     return result
 
 
@@ -107,7 +108,7 @@ class TensorPlan:
         default_factory=lambda: defaultdict(list)
     )
     targets: dict[str, Target] = field(default_factory=dict)
-    new_nodes: list[tuple[int, onnx.NodeProto]] = field(default_factory=list)
+    work: type = np.float64  # arithmetic precision of every rewrite
 
     def add(self, tensor: str, use: Use, ops: tuple[TensorOp, ...] | list[TensorOp], role: str) -> None:
         """Ask that the value ``use`` reads from initializer ``tensor`` be ``ops`` applied to it (in order).
@@ -153,7 +154,7 @@ class TensorPlan:
         target = self.targets.get(name)
         if target is None:
             return store.array(name)
-        return run_ops(store.array(target.source), target.ops, store.dtype(target.source))
+        return run_ops(store.array(target.source), target.ops, store.dtype(target.source), self.work)
 
 
 def _fresh_name(index: GraphIndex, base: str) -> str:

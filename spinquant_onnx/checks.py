@@ -1,0 +1,310 @@
+"""Sanity checks on what a run is about to do, made before (or while) anything is written.
+
+The matcher decides *which* tensors a rotation touches; these checks make sure those tensors can be
+rewritten exactly and that the run can finish: float element types only, shapes that agree with the
+rotation and with what the graph declares, finite values (a NaN or Inf would spread through a whole
+rotated row), outputs that still fit their type, an output path that cannot clobber the input, and
+enough memory — refusing early with a clear line is better than being killed by the OS half-way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from spinquant_onnx.errors import InputError, SpinQuantError
+from spinquant_onnx.graph_io import EMBED_LIMIT, TensorSource, TensorStore, storage_nbytes, type_name
+from spinquant_onnx.rewrite.plan import CHUNK_ELEMENTS, TensorPlan
+
+ROTATABLE_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16})
+SKIP_MEMORY_ENV = "SPINQUANT_SKIP_MEMORY_CHECK"
+# Elements scanned per step by the finiteness check (bounds its temporary boolean array).
+FINITE_CHUNK = 1 << 22
+# Tensors up to this size are checked for NaN/Inf before writing starts; larger ones as they are written.
+EARLY_FINITE_BYTES = 1 << 20
+# Interpreter, numpy, onnx and onnxruntime themselves.
+BASE_MEMORY = 400 << 20
+# An onnxruntime session holds its weights, plus packed copies for some kernels.
+ORT_WEIGHT_FACTOR = 1.5
+GIB = float(1 << 30)
+
+
+# ------------------------------------------------------------------------------------------------- paths
+
+
+def check_output_path(
+    in_path: Path, out_path: Path, input_files: Iterable[Path] = (), *, in_place: bool = False
+) -> None:
+    """OUT must not be IN (unless --in-place), nor one of IN's external-data files, nor a folder."""
+    if out_path.is_dir():
+        raise SpinQuantError(f"{out_path}: output is an existing folder; give a file name such as model.onnx")
+    if _same_file(in_path, out_path) and not in_place:
+        raise InputError(f"{out_path}: output is the input file; pass --in-place to overwrite it")
+    for data in input_files:
+        if _same_file(data, out_path):
+            raise InputError(
+                f"{out_path}: output would overwrite the input's external data file '{data.name}'; "
+                "choose another output name"
+            )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------ planned tensors
+
+
+def check_plan(model: onnx.ModelProto, store: TensorStore, plan: TensorPlan) -> None:
+    """Every tensor the plan rewrites is a float weight whose shape fits each of its operations."""
+    declared = _declared_shapes(model)
+    for target in plan.targets.values():
+        source, role = target.source, target.role
+        tensor = store.tensors[source]
+        if tensor.data_type not in ROTATABLE_TYPES:
+            raise InputError(
+                f"initializer '{source}' ({role}) is {type_name(tensor.data_type)}; a rotation rewrites it in floating "
+                "point, so it must be float32, float16 or bfloat16: rotate the float export, then quantize"
+            )
+        shape = store.shape(source)
+        graph_shape = declared.get(source)
+        if graph_shape is not None and not _shapes_agree(shape, graph_shape):
+            raise InputError(
+                f"initializer '{source}' ({role}) has shape {list(shape)} but the graph declares "
+                f"{[d if d is not None else '?' for d in graph_shape]}; the file is inconsistent"
+            )
+        for op in target.ops:
+            if op.kind == "fill":
+                continue
+            width = op.rotation.n if op.rotation is not None else int(np.size(op.vector))
+            if not -len(shape) <= op.axis < len(shape) or shape[op.axis] != width:
+                raise InputError(
+                    f"initializer '{source}' ({role}) has shape {list(shape)}, but its axis {op.axis} should match "
+                    f"the {width}-wide residual stream; the weights and the graph disagree"
+                )
+
+
+def _declared_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Static shapes the graph states for its tensors (graph inputs and value_info)."""
+    shapes = {}
+    for info in list(model.graph.input) + list(model.graph.value_info):
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            shapes[info.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim
+            )
+    return shapes
+
+
+def _shapes_agree(actual: tuple[int, ...], declared: tuple[int | None, ...]) -> bool:
+    return len(actual) == len(declared) and all(d is None or d == a for a, d in zip(actual, declared, strict=True))
+
+
+def first_non_finite(values: np.ndarray) -> tuple[tuple[int, ...], float] | None:
+    """Index and value of the first NaN/Inf, scanning in chunks so a memory map is never copied whole."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "fcV" or values.size == 0:
+        return None
+    flat = values.reshape(-1)
+    for start in range(0, flat.size, FINITE_CHUNK):
+        bad = ~np.isfinite(flat[start : start + FINITE_CHUNK])
+        if bad.any():
+            position = start + int(np.argmax(bad))
+            index = tuple(int(i) for i in np.unravel_index(position, values.shape))
+            return index, float(flat[position])
+    return None
+
+
+def require_finite(values: np.ndarray, name: str, role: str) -> None:
+    found = first_non_finite(values)
+    if found is not None:
+        index, value = found
+        raise InputError(
+            f"initializer '{name}' ({role}) contains {value} at index {list(index)}; a rotation would spread it "
+            "over a whole row: fix or re-export the weights"
+        )
+
+
+def check_small_sources_finite(store: TensorStore, plan: TensorPlan) -> None:
+    """NaN/Inf in norm scales and biases, before any weight is written (they are folded into others)."""
+    for source, role in _sources(plan).items():
+        if store.nbytes(source) <= EARLY_FINITE_BYTES:
+            require_finite(store.array(source), source, role)
+
+
+def _sources(plan: TensorPlan) -> dict[str, str]:
+    sources: dict[str, str] = {}
+    for target in plan.targets.values():
+        sources.setdefault(target.source, target.role)
+    return sources
+
+
+def checked_values(plan: TensorPlan, store: TensorStore) -> TensorSource:
+    """``plan.materialize`` that refuses NaN/Inf in a source and values that overflow their type."""
+    checked: set[str] = set()
+
+    def values(name: str) -> np.ndarray:
+        target = plan.targets.get(name)
+        if target is None:
+            return plan.materialize(store, name)
+        if target.source not in checked:
+            require_finite(store.array(target.source), target.source, target.role)
+            checked.add(target.source)
+        result = plan.materialize(store, name)
+        found = first_non_finite(result)
+        if found is not None:
+            kind = type_name(store.tensors[target.source].data_type)
+            raise InputError(
+                f"initializer '{name}' ({target.role}): rewritten values overflow {kind} (first at index "
+                f"{list(found[0])}); the fused norm scales are too large for {kind}: rotate a float32 export"
+            )
+        return result
+
+    return values
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak bytes a run is expected to need, with the largest contributors for the message."""
+
+    need: int
+    parts: list[tuple[str, int]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return ", ".join(f"{what} {size / GIB:.1f} GiB" for what, size in self.parts if size >= 1 << 20)
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: MemAvailable, capped by a cgroup limit when one is set."""
+    found = [v for v in (_meminfo_available(), _cgroup_available()) if v is not None]
+    return min(found) if found else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_available() -> int | None:
+    """Limit minus non-reclaimable usage of this process's memory cgroup (v2 or v1), if limited."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, relative = line.split(":", 2)
+        if controllers == "":
+            names = ("memory.max", "memory.current", "inactive_file")
+            roots = [Path("/sys/fs/cgroup") / relative.lstrip("/"), Path("/sys/fs/cgroup")]
+        elif "memory" in controllers.split(","):
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            roots = [Path("/sys/fs/cgroup/memory") / relative.lstrip("/"), Path("/sys/fs/cgroup/memory")]
+        else:
+            continue
+        for root in roots:
+            value = _cgroup_room(root, *names)
+            if value is not None:
+                return value
+    return None
+
+
+def _cgroup_room(root: Path, limit_name: str, usage_name: str, inactive_key: str) -> int | None:
+    try:
+        raw = (root / limit_name).read_text().strip()
+        if raw == "max" or int(raw) >= 1 << 60:
+            return None
+        usage = int((root / usage_name).read_text())
+        inactive = 0
+        for line in (root / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == inactive_key:
+                inactive = int(value)
+        return max(0, int(raw) - max(0, usage - inactive))
+    except (OSError, ValueError):
+        return None
+
+
+def estimate_memory(
+    model: onnx.ModelProto, store: TensorStore, plan: TensorPlan, protobuf_bytes: int, *, validate: bool
+) -> MemoryEstimate:
+    """Peak of the write phase and the validation phase, from sizes alone (nothing is read).
+
+    Writing holds the parsed model and a copy of it (embedded weights included), the largest tensor's
+    output buffer and serialized bytes, and float64 working chunks; an embedded output is serialized whole.
+    Validation runs one onnxruntime session at a time, each holding that model's weights.
+    """
+    sizes = {t.name: storage_nbytes(t.data_type, t.dims) for t in model.graph.initializer}
+    total = sum(sizes.values())
+    largest = max(sizes, key=sizes.__getitem__, default=None)
+    largest_bytes = sizes.get(largest, 0) if largest else 0
+    planned = [(name, int(np.prod(store.shape(t.source), dtype=np.int64))) for name, t in plan.targets.items()]
+    work = max((24 * min(count, CHUNK_ELEMENTS) for _, count in planned), default=0)
+    embedded_output = not any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer) and (
+        total <= EMBED_LIMIT
+    )
+    parts = [("model protobuf and its copy", 2 * protobuf_bytes)]
+    if embedded_output:
+        parts.append(("embedded output", 2 * total))
+    parts += [(f"largest tensor '{largest}' x2", 2 * largest_bytes), ("float64 work", work)]
+    write = sum(size for _, size in parts)
+    if validate:
+        check = protobuf_bytes + int(ORT_WEIGHT_FACTOR * total)
+        if check > write:
+            parts = [("model protobuf", protobuf_bytes), ("validation (onnxruntime holds the weights)", check)]
+            write = check
+    return MemoryEstimate(BASE_MEMORY + write, parts)
+
+
+def check_memory(estimate: MemoryEstimate, *, hints: str = "") -> None:
+    """Refuse when the estimate exceeds available memory (unless SPINQUANT_SKIP_MEMORY_CHECK=1)."""
+    if os.environ.get(SKIP_MEMORY_ENV, "") not in ("", "0"):
+        return
+    available = available_memory()
+    if available is None or estimate.need <= available:
+        return
+    raise SpinQuantError(
+        f"not enough memory: this run needs about {estimate.need / GIB:.1f} GiB ({estimate.describe()}) but "
+        f"{available / GIB:.1f} GiB is available; {hints}free memory, or set {SKIP_MEMORY_ENV}=1 to try anyway"
+    )
+
+
+def check_load_memory(path: Path) -> None:
+    """Before parsing: an embedded model is read and parsed whole, about twice its file size."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return  # load_model reports the missing file
+    check_memory(
+        MemoryEstimate(BASE_MEMORY + 2 * size, [("reading and parsing the model file", 2 * size)]),
+        hints="save the model with external data (onnx.save(..., save_as_external_data=True)), ",
+    )
+
+
+def preflight(
+    model: onnx.ModelProto, store: TensorStore, plan: TensorPlan, protobuf_bytes: int, *, validate: bool
+) -> None:
+    """All checks that need no weight bytes, then NaN/Inf in the small tensors folded into others."""
+    check_plan(model, store, plan)
+    hints = "run without --validate, " if validate else ""
+    if not any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer):
+        hints += "save the model with external data so weights are streamed from disk, "
+    check_memory(estimate_memory(model, store, plan, protobuf_bytes, validate=validate), hints=hints)
+    check_small_sources_finite(store, plan)
