@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import numpy as np
 import onnx
 
 from spinquant_onnx import checks
-from spinquant_onnx.errors import InputError, SpinQuantError, ValidationFailedError
+from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedSizeError, ValidationFailedError
 from spinquant_onnx.graph_index import GraphIndex
 from spinquant_onnx.graph_io import (
     TensorStore,
@@ -26,13 +27,18 @@ from spinquant_onnx.graph_io import (
     staging_dir,
     uses_external_data,
 )
+from spinquant_onnx.match.heads import attention_sites
 from spinquant_onnx.match.residual import Stream, trace_stream
 from spinquant_onnx.match.role_map import import_roles
 from spinquant_onnx.match.roles import Roles, assign_roles
 from spinquant_onnx.rewrite.fuse_norms import plan_norm_fusion
 from spinquant_onnx.rewrite.plan import TensorPlan
-from spinquant_onnx.rewrite.rotate_r1 import plan_r1
-from spinquant_onnx.rotations import KINDS, make_rotation
+from spinquant_onnx.rewrite.rotate_r1 import insert_online_writes, plan_r1
+from spinquant_onnx.rewrite.rotate_r2 import plan_r2
+from spinquant_onnx.rewrite.rotate_r3 import plan_r3
+from spinquant_onnx.rewrite.rotate_r4 import plan_r4
+from spinquant_onnx.rotation_file import LearnedRotations, load_rotation_file
+from spinquant_onnx.rotations import KINDS, Rotation, make_rotation
 
 PRECISIONS = {"float64": np.float64, "float32": np.float32}
 
@@ -51,6 +57,10 @@ class Options:
     roles: Any = None
     trust_roles: bool = False
     precision: str = "float64"
+    r2: bool = False
+    r3: bool = False
+    r4: bool = False
+    rotation_file: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         if self.rotation not in KINDS:
@@ -84,6 +94,7 @@ class Report:
     blocks: int
     validation: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    online_rotations: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -96,6 +107,7 @@ class Report:
             "norms_fused": self.norms_fused,
             "weight_uses_rotated": self.weights_rotated,
             "tensors_rewritten": self.tensors_rewritten,
+            "online_rotations": self.online_rotations,
             "validation": self.validation,
             "timings_s": self.timings,
         }
@@ -116,10 +128,16 @@ def analyze(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None, r
 
 
 def _plan(analysis: Analysis, options: Options) -> tuple[TensorPlan, Report]:
-    rotation = make_rotation(options.rotation, analysis.stream.hidden, options.seed, options.block_size)
+    learned = load_rotation_file(options.rotation_file) if options.rotation_file is not None else None
+    if learned is not None and learned.r1 is not None:
+        rotation = learned.r1_for(analysis.stream.hidden)
+    else:
+        rotation = make_rotation(options.rotation, analysis.stream.hidden, options.seed, options.block_size)
     plan = TensorPlan(work=PRECISIONS[options.precision])
     fused = plan_norm_fusion(analysis.stream, analysis.store, plan)
     rotated = plan_r1(analysis.stream, rotation, plan)
+    online = insert_online_writes(analysis.index, analysis.stream, rotation)
+    extra = plan_r2_r3_r4(analysis.index, analysis.roles, plan, options, learned)
     plan.finalize(analysis.index)
     rewritten = [
         {
@@ -141,8 +159,44 @@ def _plan(analysis: Analysis, options: Options) -> tuple[TensorPlan, Report]:
         weights_rotated=rotated,
         tensors_rewritten=rewritten,
         blocks=len(analysis.roles.blocks),
+        online_rotations=[o.describe() for o in online] + extra.pop("online"),
     )
+    report.rotation.update(extra)
     return plan, report
+
+
+def plan_r2_r3_r4(
+    index: GraphIndex, roles: Roles, plan: TensorPlan, options: Options, learned: LearnedRotations | None
+) -> dict[str, Any]:
+    """R2 (weights), R3 and R4 (online nodes) as asked; what was done, for the report."""
+    done: dict[str, Any] = {"online": []}
+    use_r2 = options.r2 or (learned is not None and learned.has_r2)
+    if not (use_r2 or options.r3 or options.r4):
+        return done
+    sites = attention_sites(index, roles) if use_r2 or options.r3 else []
+    if use_r2:
+        if learned is not None and learned.has_r2:
+            learned.check_layers([site.block for site in sites])
+            rotation_for = learned.r2_for
+        else:
+            rotation_for = functools.partial(_generated_r2, options)
+        done["r2"] = plan_r2(index, sites, rotation_for, plan)
+    if options.r3:
+        done["r3"] = plan_r3(index, sites)
+        done["online"] += [entry[side] for entry in done["r3"] for side in ("queries", "keys")]
+    if options.r4:
+        done["r4"] = plan_r4(index, roles, plan)
+        done["online"] += done["r4"]
+    if learned is not None:
+        done["rotation_file"] = learned.describe()
+    return done
+
+
+def _generated_r2(options: Options, block: int, head_dim: int) -> Rotation:
+    try:
+        return make_rotation(options.rotation, head_dim, options.seed)
+    except UnsupportedSizeError as exc:
+        raise UnsupportedSizeError(f"R2 (order head_dim = {head_dim}): {exc}") from None
 
 
 def _as_model_proto(target: Any) -> onnx.ModelProto:
@@ -161,13 +215,22 @@ def apply_spinquant(model: Any, **options: Any) -> Report:
     """Rewrite ``model`` (an ``onnx.ModelProto`` with its weights loaded) in place; returns the report.
 
     Nothing is changed unless every step succeeds: the plan is computed first, every new tensor is
-    computed next, and only then are the initializers overwritten.
+    computed next, and only then are the initializers overwritten. ``model`` may also be an AIMET
+    ``QuantizationSimModel`` (anything with a ModelProto at ``.model.model``): see ``quantsim.apply_to_sim``
+    for what is checked, ``reset_encodings=True``, and the session rebuild.
     """
+    from spinquant_onnx.quantsim import apply_to_sim, is_quantsim
+
+    if is_quantsim(model):
+        return apply_to_sim(model, apply_spinquant, **options)
     opts = Options(**options)
+    if opts.validate:
+        raise SpinQuantError("validate=True needs the original model; use convert() or validate.compare_models")
     proto = _as_model_proto(model)
     if opts.roles is not None and not opts.trust_roles:
-        raise SpinQuantError("a role map in memory cannot be validated here; use convert(..., roles=...) "
-                             "or pass trust_roles=True")
+        raise SpinQuantError(
+            "a role map in memory cannot be validated here; use convert(..., roles=...) or pass trust_roles=True"
+        )
     if uses_external_data(proto):
         raise InputError(
             "model has external data that is not loaded; load it with onnx.load(path) first "
@@ -180,10 +243,6 @@ def apply_spinquant(model: Any, **options: Any) -> Report:
     for name, array in values.items():
         set_tensor_data(analysis.store.tensors[name], array)
     report.timings["total"] = round(time.perf_counter() - started, 4)
-    if opts.validate:
-        raise SpinQuantError(
-            "validate=True needs the original model; use convert() or validate.compare_models"
-        )
     return report
 
 

@@ -25,24 +25,49 @@ def render(analysis: Analysis) -> str:
         rows.append(("-", "inputs_embeds", name, "", "graph input"))
     for block in roles.blocks:
         for part in block.parts:
-            rows.append((str(block.number), f"{part.kind} norm", part.norm.gamma, _shape(analysis, part.norm.gamma),
-                         part.norm.kind))
+            rows.append(
+                (
+                    str(block.number),
+                    f"{part.kind} norm",
+                    part.norm.gamma,
+                    _shape(analysis, part.norm.gamma),
+                    part.norm.kind,
+                )
+            )
             for entry in part.readers + ([part.writer] if part.writer else []):
                 lin = entry.linear
                 detail = f"{lin.node.op_type} {_layout(lin)}" + (f" bias {lin.bias}" if lin.bias else "")
                 rows.append((str(block.number), entry.role, lin.weight, _shape(analysis, lin.weight), detail))
+            if part.online_write is not None:
+                post = part.post_norm
+                rows.append(
+                    (
+                        str(block.number),
+                        "post-norm",
+                        post.gamma,
+                        _shape(analysis, post.gamma),
+                        f"{post.kind}; R1 inserted online after it (not absorbable)",
+                    )
+                )
     if roles.final is not None:
         final = roles.final
         rows.append(("-", "final norm", final.norm.gamma, _shape(analysis, final.norm.gamma), final.norm.kind))
         for entry in final.readers:
             lin = entry.linear
-            rows.append(("-", entry.role, lin.weight, _shape(analysis, lin.weight),
-                         f"{lin.node.op_type} {_layout(lin)}"))
+            rows.append(
+                ("-", entry.role, lin.weight, _shape(analysis, lin.weight), f"{lin.node.op_type} {_layout(lin)}")
+            )
     header = ("block", "role", "tensor", "shape", "how")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
         f"hidden size {stream.hidden}, {len(roles.blocks)} blocks, {len(stream.norms)} RMSNorms on the stream, "
-        f"{len(stream.writers)} writers" + (", tied embedding table shared with lm_head" if _tied(analysis) else ""),
+        f"{len(stream.writers)} writers"
+        + (
+            f" ({sum(1 for w in stream.writers if w.online)} rotated online)"
+            if any(w.online for w in stream.writers)
+            else ""
+        )
+        + (", tied embedding table shared with lm_head" if _tied(analysis) else ""),
         "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
         "  ".join("-" * w for w in widths),
     ]

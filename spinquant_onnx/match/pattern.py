@@ -91,6 +91,7 @@ def match(index: GraphIndex, pattern: Pattern, tensor: str, state: Match | None 
         result.tensors[pattern.name] = tensor
         return result
     if isinstance(pattern, Const):
+        tensor = index.see_through_back(tensor)  # AIMET's sim quantizes Constant outputs too
         value = index.constant(tensor)
         if (
             value is None

@@ -50,6 +50,9 @@ class Residual:
     readers: list[Linear] = field(default_factory=list)
     writer: Linear | None = None
     add: onnx.NodeProto | None = None
+    # A write no weight can absorb (a norm's output, as Gemma's sandwich norms): rotated online instead.
+    online: str | None = None
+    online_norm: NormMatch | None = None
 
 
 @dataclass
@@ -120,6 +123,13 @@ def _float_input_entries(index: GraphIndex, norm_inputs: dict[str, NormMatch]) -
     return found
 
 
+def _is_input_entry(index: GraphIndex, tensor: str, hidden: int) -> bool:
+    """A graph input of width ``hidden`` added into the stream enters it, as ``inputs_embeds`` does."""
+    source = index.see_through_back(tensor)
+    shape = index.static_shape(source)
+    return source in index.graph_inputs and bool(shape) and shape[-1] == hidden
+
+
 def trace_stream(index: GraphIndex) -> Stream:
     """Walk the graph in topological order, growing the set of residual-stream tensors."""
     _refuse_quantized(index)
@@ -144,6 +154,7 @@ def trace_stream(index: GraphIndex) -> Stream:
         hidden = inputs[0][1]
         stream = set(entries)
     internal = {id(node): norm for norm in norms for node in norm.nodes}
+    norm_outputs = {norm.output: norm for norm in norms}
     events: list[Residual] = []
     seen_norms: set[int] = set()
 
@@ -165,7 +176,7 @@ def trace_stream(index: GraphIndex) -> Stream:
         norm = internal.get(id(node))
         if norm is not None and any(name in stream for name in norm.inputs):
             if norm.sum_output is not None and id(norm) not in seen_norms:
-                _check_skip_writer(index, norm, stream, hidden, events)
+                _check_skip_writer(index, norm, stream, hidden, events, norm_outputs)
                 stream.add(norm.sum_output)
             open_norm(norm)
             if node.op_type in TRANSPARENT_OPS:
@@ -182,7 +193,10 @@ def trace_stream(index: GraphIndex) -> Stream:
         if node.op_type == "Add" and len(node.input) == 2:
             others = [name for name in node.input if name not in stream]
             for other in others:
-                events.append(Residual("write", writer=_writer_of(index, other, node, hidden), add=node))
+                if embedding is None and _is_input_entry(index, other, hidden):  # Qwen3-VL deepstack features
+                    entries.append(index.see_through_back(other))
+                    continue
+                events.append(_write_event(index, other, node, hidden, norm_outputs))
             stream.add(node.output[0])
             continue
         raise UnsupportedGraphError(
@@ -223,6 +237,22 @@ def _readers_of(index: GraphIndex, norm: NormMatch, hidden: int) -> list[Linear]
     return readers
 
 
+def _write_event(
+    index: GraphIndex, tensor: str, add: onnx.NodeProto, hidden: int, norm_outputs: dict[str, NormMatch]
+) -> Residual:
+    """A write into the stream: absorbed by a linear, or, after a sandwich norm, an online rotation."""
+    source = index.see_through_back(tensor)
+    norm = norm_outputs.get(source)
+    if norm is not None and index.store.shape(norm.gamma) == (hidden,):
+        readers = index.value_users(source)
+        if index.exits_graph(source) or any(use.node is not add for use in readers):
+            raise UnsupportedGraphError(
+                f"norm {norm.label} writes into the residual stream and is also read elsewhere; cannot rotate it"
+            )
+        return Residual("write", add=add, online=tensor, online_norm=norm)
+    return Residual("write", writer=_writer_of(index, tensor, add, hidden), add=add)
+
+
 def _writer_of(index: GraphIndex, tensor: str, add: onnx.NodeProto, hidden: int) -> Linear:
     """The linear whose output is added into the stream by ``add``; it must write nowhere else."""
     writer = linear_writing(index, tensor)
@@ -250,10 +280,15 @@ def _writer_of(index: GraphIndex, tensor: str, add: onnx.NodeProto, hidden: int)
 
 
 def _check_skip_writer(
-    index: GraphIndex, norm: NormMatch, stream: set[str], hidden: int, events: list[Residual]
+    index: GraphIndex,
+    norm: NormMatch,
+    stream: set[str],
+    hidden: int,
+    events: list[Residual],
+    norm_outputs: dict[str, NormMatch],
 ) -> None:
     """A SkipSimplifiedLayerNormalization adds its two inputs: the one not in the stream is a writer."""
     node = norm.anchor
     for name in norm.inputs:
         if name not in stream:
-            events.append(Residual("write", writer=_writer_of(index, name, node, hidden), add=node))
+            events.append(_write_event(index, name, node, hidden, norm_outputs))

@@ -19,7 +19,7 @@ from spinquant_onnx.errors import InputError
 from spinquant_onnx.graph_index import TRANSPARENT_OPS, GraphIndex
 from spinquant_onnx.match.linears import Linear, linear_at, weight_behind
 from spinquant_onnx.match.norms import NormMatch, find_norms
-from spinquant_onnx.match.residual import Embedding, Residual, Stream
+from spinquant_onnx.match.residual import SCALAR_OPS, Embedding, Residual, Stream
 from spinquant_onnx.match.roles import Roles, assign_roles
 
 SCHEMA = "spinquant-onnx/roles"
@@ -68,6 +68,13 @@ def export_roles(index: GraphIndex, stream: Stream, roles: Roles) -> dict[str, A
                 "kind": "norm",
                 "norm": _norm_entry(event.norm, index.store),
                 "readers": [_linear_entry(role_of.get(id(lin), "reader"), lin) for lin in event.readers],
+            })
+        elif event.online is not None:
+            residual.append({
+                "kind": "write",
+                "online": event.online,
+                "post_norm": _norm_entry(event.online_norm, index.store),
+                "add_output": event.add.output[0],
             })
         else:
             residual.append({
@@ -192,11 +199,12 @@ class _Checker:
 
 
 def _aliases(index: GraphIndex, names: set[str]) -> set[str]:
-    """Tensors equal to a stream tensor up to a Cast/Identity/quantizer."""
+    """Tensors equal to a stream tensor up to a Cast/Identity/quantizer or a scalar scale (Gemma's sqrt(H))."""
     result, frontier = set(names), list(names)
     while frontier:
         for use in index.users(frontier.pop()):
-            if use.node.op_type in TRANSPARENT_OPS and use.index == 0:
+            scalar = use.node.op_type in SCALAR_OPS and index.scalar(use.node.input[1]) is not None
+            if (use.node.op_type in TRANSPARENT_OPS or scalar) and use.index == 0:
                 for out in use.node.output[:1]:
                     if out not in result:
                         result.add(out)
@@ -235,19 +243,27 @@ def import_roles(index: GraphIndex, data: dict[str, Any]) -> tuple[Stream, Roles
                 stream |= _aliases(index, {norm.sum_output})
             events.append(Residual("norm", norm=norm, readers=readers))
         elif item.get("kind") == "write":
-            writer = check.linear(item.get("writer", {}), f"{where}.writer", reader=False)
-            given[writer.node.output[0]] = item["writer"].get("role", "writer")
             add = index.producer.get(item.get("add_output", ""))
             if add is None:
                 raise check.fail(where, f"no node produces '{item.get('add_output')}'")
             operands = [index.see_through_back(name) for name in add.input[:2]]
-            if writer.output not in operands and index.see_through_back(writer.output) not in operands:
-                raise check.fail(where, f"Add '{add.output[0]}' does not read writer output '{writer.output}'")
             if not any(name in stream for name in add.input[:2]):
                 raise check.fail(where, f"Add '{add.output[0]}' does not read the residual stream")
+            if "online" in item:
+                online = item["online"]
+                post = check.norms.get(item.get("post_norm", {}).get("output", online))
+                if index.see_through_back(online) not in operands or post is None:
+                    raise check.fail(where, f"Add '{add.output[0]}' does not read a norm output '{online}'")
+                event = Residual("write", add=add, online=online, online_norm=post)
+            else:
+                writer = check.linear(item.get("writer", {}), f"{where}.writer", reader=False)
+                given[writer.node.output[0]] = item["writer"].get("role", "writer")
+                if writer.output not in operands and index.see_through_back(writer.output) not in operands:
+                    raise check.fail(where, f"Add '{add.output[0]}' does not read writer output '{writer.output}'")
+                event = Residual("write", writer=writer, add=add)
             if add.op_type == "Add":
                 stream |= _aliases(index, {add.output[0]})
-            events.append(Residual("write", writer=writer, add=add))
+            events.append(event)
         else:
             raise check.fail(where, f"kind must be 'norm' or 'write', not {item.get('kind')!r}")
     result = Stream(hidden, embedding, entries, events, stream)

@@ -36,6 +36,12 @@ class SubBlock:
     norm: NormMatch
     readers: list[RoleEntry] = field(default_factory=list)
     writer: RoleEntry | None = None
+    online_write: str | None = None  # the tensor rotated online where a sandwich norm feeds the Add
+    post_norm: NormMatch | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.writer is not None or self.online_write is not None
 
 
 @dataclass
@@ -116,14 +122,24 @@ def reaches_attention(index: GraphIndex, linear: Linear, stop: frozenset[str]) -
     return any(n.op_type == "Softmax" or n.op_type in ATTENTION_OPS for n, _, _ in found)
 
 
-def mlp_role(index: GraphIndex, linear: Linear, siblings: int) -> str:
-    """gate, up, or gate_up for a single fused projection."""
-    if siblings == 1:
+def mlp_role(index: GraphIndex, linear: Linear, siblings: list[Linear], stop: frozenset[str]) -> str:
+    """gate, up, or gate_up for a single fused projection.
+
+    Gate and up meet in one Mul: up's output feeds it directly, gate's only through its activation.
+    """
+    if len(siblings) == 1:
         return "gate_up"
-    for node, _, _ in _forward(index, linear.output, limit=3):
+    downstream = set()
+    for sibling in siblings:
+        if sibling is not linear:
+            downstream |= {out for node, _, _ in _forward(index, sibling.output, stop=stop) for out in node.output}
+    for use in index.users(linear.output):
+        if use.node.op_type == "Mul" and use.node.input[1 - use.index] in downstream:
+            return "up"
+    for node, _, _ in _forward(index, linear.output, limit=12, stop=stop):
         if node.op_type in ACTIVATION_OPS:
             return "gate"
-    return "up"
+    return "mlp_in"
 
 
 ATTENTION_ROLES = frozenset({"q", "k", "v", "qkv", "qk", "qv", "kv", "attn_in"})
@@ -141,9 +157,12 @@ def assign_roles(index: GraphIndex, stream: Stream, given: dict[str, str] | None
         if event.kind == "norm":
             current = SubBlock("unknown", event.norm, [RoleEntry("reader", lin) for lin in event.readers])
             parts.append(current)
-        elif current is not None and current.writer is None:
-            current.writer = RoleEntry("writer", event.writer)
-    final = parts.pop() if parts and parts[-1].writer is None else None
+        elif current is not None and not current.closed:
+            if event.online is not None:
+                current.online_write, current.post_norm = event.online, event.online_norm
+            else:
+                current.writer = RoleEntry("writer", event.writer)
+    final = parts.pop() if parts and not parts[-1].closed else None
     if given is not None:
         _apply_given(parts, final, given)
     else:
@@ -173,7 +192,7 @@ def _infer(index: GraphIndex, stream: Stream, parts: list[SubBlock], final: SubB
         else:
             part.kind = "mlp"
             for entry in part.readers:
-                entry.role = mlp_role(index, entry.linear, len(part.readers))
+                entry.role = mlp_role(index, entry.linear, linears, stop)
             if part.writer:
                 part.writer.role = "down"
     if final is not None:

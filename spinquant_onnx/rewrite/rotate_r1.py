@@ -8,9 +8,47 @@ the input axis of a reader.
 
 from __future__ import annotations
 
+import onnx
+
+from spinquant_onnx.graph_index import GraphIndex
 from spinquant_onnx.match.residual import Stream
+from spinquant_onnx.rewrite.online import OnlineRotation, insert_online_rotation
 from spinquant_onnx.rewrite.plan import TensorPlan, rotate
 from spinquant_onnx.rotations import Rotation
+
+
+def insert_online_writes(index: GraphIndex, stream: Stream, rotation: Rotation) -> list[OnlineRotation]:
+    """Rotate online the writes no weight can absorb: a sandwich norm's output, just before its Add.
+
+    ``norm(o) * g`` does not commute with R, so neither o_proj nor the norm can carry it; one MatMul by R
+    on that tensor, read only by the residual Add, is the smallest exact fix.
+    """
+    inserted = []
+    for event in stream.writers:
+        if event.online is None:
+            continue
+        source = index.see_through_back(event.online)
+        slot = next(i for i, name in enumerate(event.add.input) if index.see_through_back(name) == source)
+        tensor = event.add.input[slot]
+        inserted.append(
+            insert_online_rotation(
+                index,
+                tensor,
+                rotation,
+                transpose=False,
+                elem_type=_elem_type(index, tensor),
+                reason=f"R1 after norm {event.online_norm.label} (sandwich norm before a residual Add)",
+                readers=[(event.add, slot)],
+            )
+        )
+    return inserted
+
+
+def _elem_type(index: GraphIndex, tensor: str) -> int:
+    info = index.value_info.get(tensor)
+    if info is not None and info.type.tensor_type.elem_type:
+        return info.type.tensor_type.elem_type
+    return onnx.TensorProto.FLOAT
 
 
 def plan_r1(stream: Stream, rotation: Rotation, plan: TensorPlan) -> int:
@@ -21,6 +59,8 @@ def plan_r1(stream: Stream, rotation: Rotation, plan: TensorPlan) -> int:
         plan.add(emb.table, emb.table_use, [rotate(emb.hidden_axis, rotation, "R1")], "embedding")
         count += 1
     for event in stream.writers:
+        if event.online is not None:
+            continue
         writer = event.writer
         plan.add(writer.weight, writer.weight_use, [rotate(writer.out_axis, rotation, "R1")], "writer")
         if writer.bias is not None:

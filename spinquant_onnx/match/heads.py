@@ -1,0 +1,440 @@
+"""Attention head geometry (num_heads, num_kv_heads, head_dim) read off the graph, per attention block.
+
+R2 rotates V's columns and O's rows in head_dim blocks, and R3 rotates Q and K along head_dim, so a wrong
+head_dim silently mixes heads. It is therefore taken from every place the graph states it and all of them
+must agree: the shape constant of the Reshape that splits q/k/v into heads, the gamma of a per-head norm
+(Qwen3's q_norm/k_norm), the attributes of a fused attention op (GroupQueryAttention, Attention,
+MultiHeadAttention) and the last dim of the KV-cache inputs. Nothing is read off names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from spinquant_onnx.errors import UnsupportedGraphError
+from spinquant_onnx.graph_index import TRANSPARENT_OPS, GraphIndex, node_label
+from spinquant_onnx.match.linears import Linear
+from spinquant_onnx.match.norms import NormMatch, find_norms
+from spinquant_onnx.match.roles import ATTENTION_OPS, Roles, SubBlock
+
+FUSED_ATTENTION = frozenset(ATTENTION_OPS)
+SEARCH_LIMIT = 40
+
+
+@dataclass
+class HeadGeometry:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    evidence: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "evidence": self.evidence,
+        }
+
+
+@dataclass
+class Projection:
+    """Where q, k or v comes from: a linear's output, or a column range of a fused qkv linear's output."""
+
+    role: str
+    linear: Linear
+    tensor: str  # the tensor holding exactly this projection (the linear output or its Slice/Split output)
+    start: int
+    stop: int
+
+    @property
+    def width(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class AttentionSite:
+    """One attention sub-block with the facts R2 and R3 need."""
+
+    block: int
+    part: SubBlock
+    q: Projection | None
+    k: Projection | None
+    v: Projection | None
+    o: Linear
+    geometry: HeadGeometry
+    fused_op: onnx.NodeProto | None = None
+
+
+# ------------------------------------------------------------------------------------- constant shapes
+
+
+def partial_values(index: GraphIndex, name: str, depth: int = 0) -> list[int | None] | None:
+    """The elements of a 1-D int tensor where they are constant (None where they depend on inputs)."""
+    value = index.constant(name)
+    if value is not None:
+        return [int(v) for v in np.asarray(value).reshape(-1)]
+    node = index.producer.get(name)
+    if node is None or depth > 8:
+        return None
+    if node.op_type in TRANSPARENT_OPS:
+        return partial_values(index, node.input[0], depth + 1)
+    if node.op_type == "Concat":
+        parts = [partial_values(index, part, depth + 1) for part in node.input]
+        if any(p is None for p in parts):
+            return None
+        return [v for p in parts for v in p]
+    if node.op_type == "Unsqueeze":  # a scalar made 1-D: one element, constant or not
+        inner = partial_values(index, node.input[0], depth + 1)
+        return inner if inner is not None and len(inner) == 1 else [None]
+    if node.op_type == "Shape":
+        return _shape_values(index, node)
+    if node.op_type in ("Gather", "Squeeze", "ReduceProd", "Mul", "Add", "Div", "Sub") and _is_scalar_like(index, name):
+        return [None]
+    shape = index.static_shape(name)  # any other 1-D int tensor of known length: values unknown
+    return [None] * shape[0] if shape is not None and len(shape) == 1 and shape[0] is not None else None
+
+
+def _shape_values(index: GraphIndex, node: onnx.NodeProto) -> list[int | None] | None:
+    """Shape(x)[start:end]: x's static dims where known."""
+    dims = index.static_shape(node.input[0])
+    start, end = index.attr(node, "start", 0), index.attr(node, "end")
+    if dims is None:
+        if start >= 0 and end is not None and end > start:
+            return [None] * (end - start)
+        return None
+    return list(dims[start:end])
+
+
+def _is_scalar_like(index: GraphIndex, name: str) -> bool:
+    shape = index.static_shape(name)
+    if shape is not None:
+        return len(shape) <= 1 and (not shape or shape[0] == 1)
+    node = index.producer.get(name)
+    if node is not None and node.op_type == "Gather":  # Gather(Shape(x), scalar index)
+        index_value = index.constant(node.input[1])
+        return index_value is not None and index_value.size == 1
+    return False
+
+
+def op_axes(index: GraphIndex, node: onnx.NodeProto) -> list[int] | None:
+    """The constant axes a Concat, Slice, Squeeze or Unsqueeze works on (attribute or input), else None."""
+    if node.op_type == "Concat":
+        return [index.attr(node, "axis", 0)]
+    if node.op_type == "Slice":
+        if len(node.input) < 4 or not node.input[3]:
+            return None
+        value = index.constant(node.input[3])
+        return None if value is None else [int(v) for v in value.reshape(-1)]
+    attr = index.attr(node, "axes")
+    if attr is not None:
+        return list(attr)
+    if len(node.input) > 1 and node.input[1]:
+        value = index.constant(node.input[1])
+        return None if value is None else [int(v) for v in value.reshape(-1)]
+    return None
+
+
+# ------------------------------------------------------------------------------------------ projections
+
+
+def _slice_range(index: GraphIndex, node: onnx.NodeProto, width: int) -> tuple[int, int] | None:
+    """Column range [start, stop) a Slice takes along the last axis of a width-wide tensor, else None."""
+    if len(node.input) < 3:
+        return None
+    starts, ends = index.constant(node.input[1]), index.constant(node.input[2])
+    axes = index.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    steps = index.constant(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+    if starts is None or ends is None or starts.size != 1:
+        return None
+    rank = _rank(index, node.input[0])
+    axis = int(axes.reshape(-1)[0]) if axes is not None else 0
+    if axis not in (-1, rank - 1) or (steps is not None and int(steps.reshape(-1)[0]) != 1):
+        return None
+    start, stop = (int(v.reshape(-1)[0]) for v in (starts, ends))
+    start, stop = (v + width if v < 0 else v for v in (start, stop))
+    return max(0, min(start, width)), max(0, min(stop, width))
+
+
+def _rank(index: GraphIndex, name: str) -> int:
+    shape = index.static_shape(name)
+    return len(shape) if shape is not None else 3  # activations of a decoder's linears are [batch, seq, features]
+
+
+def _split_ranges(index: GraphIndex, node: onnx.NodeProto, width: int) -> list[tuple[int, int]] | None:
+    axis = index.attr(node, "axis", 0)
+    if axis not in (-1, _rank(index, node.input[0]) - 1):
+        return None
+    sizes = index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    sizes = list(index.attr(node, "split", [])) if sizes is None else [int(s) for s in sizes.reshape(-1)]
+    if not sizes:
+        count = len(node.output)
+        if width % count:
+            return None
+        sizes = [width // count] * count
+    if sum(sizes) != width:
+        return None
+    bounds = np.cumsum([0, *sizes])
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def split_projections(index: GraphIndex, linear: Linear) -> list[Projection] | None:
+    """q, k, v column ranges of a fused qkv linear, from the Slice or Split nodes that cut its output."""
+    width = linear.out_features
+    pieces: list[tuple[int, int, str]] = []
+    for use in index.value_users(linear.output):
+        node = use.node
+        if node.op_type == "Slice" and use.index == 0:
+            found = _slice_range(index, node, width)
+            if found is None:
+                return None
+            pieces.append((*found, node.output[0]))
+        elif node.op_type == "Split" and use.index == 0:
+            ranges = _split_ranges(index, node, width)
+            if ranges is None:
+                return None
+            pieces.extend((a, b, out) for (a, b), out in zip(ranges, node.output, strict=True))
+        elif node.op_type in FUSED_ATTENTION:
+            return None  # packed qkv handed to a fused op: the op's attributes say where v is
+        else:
+            return None
+    pieces.sort()
+    if len(pieces) != 3 or pieces[0][0] != 0 or pieces[-1][1] != width:
+        return None
+    if any(a[1] != b[0] for a, b in zip(pieces, pieces[1:], strict=False)):
+        return None
+    return [Projection(role, linear, out, a, b) for role, (a, b, out) in zip("qkv", pieces, strict=True)]
+
+
+def _projections(index: GraphIndex, part: SubBlock) -> dict[str, Projection]:
+    found: dict[str, Projection] = {}
+    for entry in part.readers:
+        lin = entry.linear
+        if entry.role in ("q", "k", "v"):
+            found[entry.role] = Projection(entry.role, lin, lin.output, 0, lin.out_features)
+        elif entry.role == "qkv":
+            pieces = split_projections(index, lin)
+            if pieces is not None:
+                found.update({p.role: p for p in pieces})
+            else:
+                found["qkv"] = Projection("qkv", lin, lin.output, 0, lin.out_features)
+    return found
+
+
+# -------------------------------------------------------------------------------------------- evidence
+
+
+def _first_reshape(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
+    """The Reshape that splits a projection into heads (its first value reader, behind transparent ops)."""
+    for use in index.value_users(tensor):
+        if use.node.op_type == "Reshape" and use.index == 0:
+            return use.node
+    return None
+
+
+def _forward_ops(index: GraphIndex, tensor: str, limit: int = SEARCH_LIMIT):
+    frontier, seen = [tensor], set()
+    while frontier and len(seen) < limit:
+        name = frontier.pop(0)
+        for use in index.value_users(name):
+            if id(use.node) in seen:
+                continue
+            seen.add(id(use.node))
+            yield use.node, use.index
+            if use.node.op_type not in FUSED_ATTENTION and use.node.op_type != "Softmax":
+                frontier.extend(use.node.output)
+
+
+class _Evidence:
+    """head_dim and head counts as stated by different parts of the graph."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.head_dim: dict[str, int] = {}
+        self.heads: dict[str, int] = {}
+        self.kv_heads: dict[str, int] = {}
+
+    def add(self, kind: str, source: str, value: int | None) -> None:
+        if value is not None and value > 0:
+            getattr(self, kind)[source] = int(value)
+
+    def agreed(self, kind: str) -> int | None:
+        values = set(getattr(self, kind).values())
+        if len(values) > 1:
+            detail = ", ".join(f"{k} says {v}" for k, v in getattr(self, kind).items())
+            raise UnsupportedGraphError(f"{self.where}: the graph disagrees about {kind.replace('_', ' ')} ({detail})")
+        return values.pop() if values else None
+
+    def lines(self) -> list[str]:
+        return [
+            f"{kind} {value} from {source}"
+            for kind in ("head_dim", "heads", "kv_heads")
+            for source, value in getattr(self, kind).items()
+        ]
+
+
+def _reshape_evidence(index: GraphIndex, proj: Projection, ev: _Evidence, count_kind: str) -> str | None:
+    reshape = _first_reshape(index, proj.tensor)
+    if reshape is None:
+        return None
+    shape = partial_values(index, reshape.input[1])
+    if not shape or len(shape) < 2:
+        return None
+    label = f"{proj.role} Reshape {node_label(reshape)}"
+    last, before = shape[-1], shape[-2]
+    if last is not None and last > 0 and proj.width % last == 0:
+        ev.add("head_dim", label, last)
+        if before is not None and before > 0:
+            ev.add(count_kind, label, before)
+    elif last == -1 and before is not None and before > 0 and proj.width % before == 0:
+        ev.add(count_kind, label, before)
+        ev.add("head_dim", label, proj.width // before)
+    return reshape.output[0]
+
+
+def _norm_evidence(
+    index: GraphIndex, norms_by_input: dict[str, NormMatch], head_tensor: str | None, role: str, ev: _Evidence
+) -> None:
+    """A per-head RMSNorm (Qwen3 q_norm/k_norm) right after the head split: its gamma has head_dim entries."""
+    norm = norms_by_input.get(head_tensor) if head_tensor is not None else None
+    if norm is not None:
+        ev.add("head_dim", f"{role}_norm gamma '{norm.gamma}'", index.store.shape(norm.gamma)[-1])
+
+
+def _fused_op(index: GraphIndex, projections: dict[str, Projection]) -> onnx.NodeProto | None:
+    for proj in projections.values():
+        for node, _ in _forward_ops(index, proj.tensor, limit=12):
+            if node.op_type in FUSED_ATTENTION:
+                return node
+    return None
+
+
+def _fused_evidence(index: GraphIndex, op: onnx.NodeProto, ev: _Evidence) -> None:
+    label = f"{op.op_type} {node_label(op)}"
+    heads = index.attr(op, "num_heads")
+    ev.add("heads", label, heads)
+    if op.op_type == "GroupQueryAttention":
+        ev.add("kv_heads", label, index.attr(op, "kv_num_heads"))
+    elif heads:
+        ev.add("kv_heads", label, heads)
+
+
+def _cache_evidence(index: GraphIndex, projections: dict[str, Projection], ev: _Evidence) -> None:
+    """KV-cache inputs concatenated with this block's k/v: [batch, kv_heads, past, head_dim]."""
+    for role in ("k", "v"):
+        proj = projections.get(role)
+        if proj is None:
+            continue
+        for node, _ in _forward_ops(index, proj.tensor, limit=16):
+            if node.op_type not in ("Concat", *FUSED_ATTENTION):
+                continue
+            for name in node.input:
+                if name in index.graph_inputs:
+                    shape = index.static_shape(name)
+                    if shape is not None and len(shape) == 4:
+                        ev.add("head_dim", f"cache input '{name}'", shape[3])
+                        ev.add("kv_heads", f"cache input '{name}'", shape[1])
+
+
+def head_geometry(
+    index: GraphIndex,
+    part: SubBlock,
+    projections: dict[str, Projection],
+    o: Linear,
+    norms_by_input: dict[str, NormMatch],
+    where: str,
+) -> tuple[HeadGeometry, onnx.NodeProto | None]:
+    """num_heads, num_kv_heads and head_dim of one attention block; refuses when unknown or contradictory."""
+    ev = _Evidence(where)
+    for role, count_kind in (("q", "heads"), ("k", "kv_heads"), ("v", "kv_heads")):
+        proj = projections.get(role)
+        if proj is not None:
+            heads_tensor = _reshape_evidence(index, proj, ev, count_kind)
+            if role in ("q", "k"):
+                _norm_evidence(index, norms_by_input, heads_tensor, role, ev)
+    fused = _fused_op(index, projections)
+    if fused is not None:
+        _fused_evidence(index, fused, ev)
+    _cache_evidence(index, projections, ev)
+    head_dim = ev.agreed("head_dim")
+    heads = ev.agreed("heads")
+    q_width = projections["q"].width if "q" in projections else o.in_features
+    if head_dim is None and heads:
+        head_dim = q_width // heads if q_width % heads == 0 else None
+    if head_dim is None:
+        raise UnsupportedGraphError(
+            f"{where}: cannot tell head_dim from the graph (no head-splitting Reshape with a constant last dim, "
+            "no per-head norm, no fused attention op or cache input states it)"
+        )
+    v_width = projections["v"].width if "v" in projections else None
+    if o.in_features % head_dim or q_width % head_dim or (v_width is not None and v_width % head_dim):
+        raise UnsupportedGraphError(
+            f"{where}: head_dim {head_dim} does not divide the projections (q {q_width}, "
+            f"v {v_width}, o input {o.in_features})"
+        )
+    ev.add("heads", f"o_proj {o.label} input width", o.in_features // head_dim)
+    if v_width is not None:
+        ev.add("kv_heads", "v width", v_width // head_dim)
+    if "k" in projections:
+        ev.add("kv_heads", "k width", projections["k"].width // head_dim)
+    heads, kv_heads = ev.agreed("heads"), ev.agreed("kv_heads")
+    if kv_heads is None and fused is not None and "qkv" in projections:
+        rest = projections["qkv"].width - heads * head_dim
+        kv_heads = rest // (2 * head_dim) if rest > 0 and rest % (2 * head_dim) == 0 else None
+    if kv_heads is None or heads % kv_heads:
+        raise UnsupportedGraphError(
+            f"{where}: cannot tell the number of KV heads ({heads} query heads of dim {head_dim}, kv {kv_heads})"
+        )
+    return HeadGeometry(heads, kv_heads, head_dim, ev.lines()), fused
+
+
+def _packed_projections(projections: dict[str, Projection], geometry: HeadGeometry) -> None:
+    """q, k, v ranges of a packed qkv that a fused attention op splits itself (layout q | k | v)."""
+    packed = projections.pop("qkv", None)
+    if packed is None:
+        return
+    q_end = geometry.num_heads * geometry.head_dim
+    kv = geometry.num_kv_heads * geometry.head_dim
+    if packed.width != q_end + 2 * kv:
+        raise UnsupportedGraphError(
+            f"fused qkv {packed.linear.label}: width {packed.width} is not q {q_end} + k {kv} + v {kv}"
+        )
+    for role, (a, b) in zip("qkv", ((0, q_end), (q_end, q_end + kv), (q_end + kv, q_end + 2 * kv)), strict=True):
+        projections[role] = Projection(role, packed.linear, packed.tensor, a, b)
+
+
+def attention_sites(index: GraphIndex, roles: Roles) -> list[AttentionSite]:
+    """Every attention sub-block with its q/k/v/o and head geometry, in layer order."""
+    norms_by_input: dict[str, NormMatch] = {}
+    for norm in find_norms(index):
+        for name in norm.inputs:
+            norms_by_input[index.see_through_back(name)] = norm
+            norms_by_input[name] = norm
+    sites = []
+    for block in roles.blocks:
+        for part in block.parts:
+            if part.kind != "attention":
+                continue
+            where = f"attention block {block.number}"
+            if part.writer is None:
+                raise UnsupportedGraphError(f"{where}: no o_proj writer found")
+            projections = _projections(index, part)
+            geometry, fused = head_geometry(index, part, projections, part.writer.linear, norms_by_input, where)
+            if "qkv" in projections and fused is not None:
+                _packed_projections(projections, geometry)
+            sites.append(
+                AttentionSite(
+                    block.number,
+                    part,
+                    projections.get("q"),
+                    projections.get("k"),
+                    projections.get("v"),
+                    part.writer.linear,
+                    geometry,
+                    fused,
+                )
+            )
+    return sites
