@@ -33,10 +33,10 @@ from spinquant_onnx.match.role_map import import_roles
 from spinquant_onnx.match.roles import Roles, assign_roles
 from spinquant_onnx.rewrite.fuse_norms import plan_norm_fusion
 from spinquant_onnx.rewrite.plan import TensorPlan
-from spinquant_onnx.rewrite.rotate_r1 import insert_online_writes, plan_r1
+from spinquant_onnx.rewrite.rotate_r1 import insert_online_entries, insert_online_writes, plan_r1
 from spinquant_onnx.rewrite.rotate_r2 import plan_r2
-from spinquant_onnx.rewrite.rotate_r3 import plan_r3
-from spinquant_onnx.rewrite.rotate_r4 import plan_r4
+from spinquant_onnx.rewrite.rotate_r3 import insert_r3, prepare_r3
+from spinquant_onnx.rewrite.rotate_r4 import insert_r4, prepare_r4
 from spinquant_onnx.rotation_file import LearnedRotations, load_rotation_file
 from spinquant_onnx.rotations import KINDS, Rotation, make_rotation
 
@@ -57,6 +57,9 @@ class Options:
     roles: Any = None
     trust_roles: bool = False
     precision: str = "float64"
+    # Stream entries that are graph inputs (inputs_embeds): rotate them "online" (a MatMul node), or leave
+    # them to the caller, who rotates what feeds them ("external": the VLM path rotates the table itself).
+    entries: str = "online"
     r2: bool = False
     r3: bool = False
     r4: bool = False
@@ -137,6 +140,8 @@ def _plan(analysis: Analysis, options: Options) -> tuple[TensorPlan, Report]:
     fused = plan_norm_fusion(analysis.stream, analysis.store, plan)
     rotated = plan_r1(analysis.stream, rotation, plan)
     online = insert_online_writes(analysis.index, analysis.stream, rotation)
+    if options.entries == "online":
+        online += insert_online_entries(analysis.index, analysis.stream, rotation)
     extra = plan_r2_r3_r4(analysis.index, analysis.roles, plan, options, learned)
     plan.finalize(analysis.index)
     rewritten = [
@@ -181,11 +186,13 @@ def plan_r2_r3_r4(
         else:
             rotation_for = functools.partial(_generated_r2, options)
         done["r2"] = plan_r2(index, sites, rotation_for, plan)
-    if options.r3:
-        done["r3"] = plan_r3(index, sites)
+    r3 = prepare_r3(index, sites) if options.r3 else None  # every check before the first node goes in
+    r4 = prepare_r4(roles) if options.r4 else None
+    if r3 is not None:
+        done["r3"] = insert_r3(index, r3)
         done["online"] += [entry[side] for entry in done["r3"] for side in ("queries", "keys")]
-    if options.r4:
-        done["r4"] = plan_r4(index, roles, plan)
+    if r4 is not None:
+        done["r4"] = insert_r4(index, r4, plan)
         done["online"] += done["r4"]
     if learned is not None:
         done["rotation_file"] = learned.describe()
@@ -197,6 +204,25 @@ def _generated_r2(options: Options, block: int, head_dim: int) -> Rotation:
         return make_rotation(options.rotation, head_dim, options.seed)
     except UnsupportedSizeError as exc:
         raise UnsupportedSizeError(f"R2 (order head_dim = {head_dim}): {exc}") from None
+
+
+def input_dim_hints(analysis: Analysis) -> dict[str, int]:
+    """Sizes of symbolic KV-cache dims that their names do not explain (genai's ``kv_cache_dim``).
+
+    The head size comes from the matched attention geometry; a model where none is found needs no hint.
+    """
+    try:
+        sites = attention_sites(analysis.index, analysis.roles)
+    except SpinQuantError:
+        return {}
+    if not sites:
+        return {}
+    hints = {}
+    for name, info in analysis.index.graph_inputs.items():
+        dims = info.type.tensor_type.shape.dim
+        if "past" in name and len(dims) == 4 and dims[3].dim_param:
+            hints[dims[3].dim_param] = sites[0].geometry.head_dim
+    return hints
 
 
 def _as_model_proto(target: Any) -> onnx.ModelProto:
@@ -211,14 +237,21 @@ def _as_model_proto(target: Any) -> onnx.ModelProto:
     )
 
 
-def apply_spinquant(model: Any, **options: Any) -> Report:
+def apply_spinquant(model: Any, visual: Any = None, embedding: Any = None, **options: Any) -> Report:
     """Rewrite ``model`` (an ``onnx.ModelProto`` with its weights loaded) in place; returns the report.
+
+    With ``visual`` (the VLM's visual encoder) or ``embedding`` (its [vocab, hidden] table, numpy or
+    torch), all pieces are rotated consistently by ``vlm.apply_vlm``, which returns a ``vlm.VlmReport``.
 
     Nothing is changed unless every step succeeds: the plan is computed first, every new tensor is
     computed next, and only then are the initializers overwritten. ``model`` may also be an AIMET
     ``QuantizationSimModel`` (anything with a ModelProto at ``.model.model``): see ``quantsim.apply_to_sim``
     for what is checked, ``reset_encodings=True``, and the session rebuild.
     """
+    if visual is not None or embedding is not None:
+        from spinquant_onnx.vlm import apply_vlm
+
+        return apply_vlm(model, visual=visual, embedding=embedding, **options)
     from spinquant_onnx.quantsim import apply_to_sim, is_quantsim
 
     if is_quantsim(model):
@@ -282,7 +315,9 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
             from spinquant_onnx.validate import compare_models
 
             mark = time.perf_counter()
-            result = compare_models(in_path, staged[0], providers=opts.providers, threshold=opts.threshold)
+            result = compare_models(in_path, staged[0], providers=opts.providers, threshold=opts.threshold,
+                                    own_cache=bool(opts.r2 or opts.r3 or opts.rotation_file),
+                                    dims=input_dim_hints(analysis))
             timings["validate"] = round(time.perf_counter() - mark, 4)
             report.validation = result.to_dict()
             if not result.passed:

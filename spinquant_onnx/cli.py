@@ -12,6 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from spinquant_onnx import eval_cli, vlm_cli
 from spinquant_onnx.errors import SpinQuantError
 from spinquant_onnx.rotations import KINDS
 
@@ -43,6 +44,10 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
         roles=args.roles,
         precision=args.precision,
         trust_roles=args.trust_roles,
+        r2=args.r2,
+        r3=args.r3,
+        r4=args.r4,
+        rotation_file=args.rotation_file,
     )
     data = report.to_dict()
     if args.report:
@@ -103,12 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="arithmetic of the rotation (default float64; float32 halves the working memory)")
     rotate.add_argument("--roles", metavar="ROLES.json", help="use this role map instead of matching (validates)")
     rotate.add_argument("--trust-roles", action="store_true", help="with --roles: skip the forced validation")
+    rotate.add_argument("--r2", action="store_true", help="also R2: a head_dim rotation between v_proj and o_proj")
+    rotate.add_argument("--r3", action="store_true", help="also R3: online Hadamard on Q and K after rotary")
+    rotate.add_argument("--r4", action="store_true", help="also R4: online Hadamard before down_proj")
+    rotate.add_argument("--rotation-file", metavar="FILE",
+                        help="learned rotations (SpinQuant R.bin or .npz with R1 / model.layers.N.self_attn.R2)")
     rotate.set_defaults(func=_cmd_rotate)
 
     inspect = sub.add_parser("inspect", help="print the blocks, norms and linear roles the matcher finds")
     inspect.add_argument("input")
     inspect.add_argument("--json", metavar="ROLES.json", help="also write the role map (editable; see README)")
     inspect.set_defaults(func=_cmd_inspect)
+    eval_cli.add_parser(sub)
+    vlm_cli.add_parser(sub)
     return parser
 
 

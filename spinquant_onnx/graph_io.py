@@ -39,7 +39,7 @@ SUB_BYTE_BITS = {
     )
     if hasattr(TensorProto, name)
 }
-_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]+\.partial$")
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[A-Za-z0-9_]+\.partial$")
 
 
 def one_line(text: object) -> str:
@@ -120,7 +120,9 @@ def check_model_structure(model: onnx.ModelProto, path: Path) -> None:
         raise InputError(f"{path}: initializer '{twice}' is defined twice; the graph is corrupt")
     known = {i.name for i in graph.input} | set(names)
     known |= {t.values.name for t in graph.sparse_initializer}
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     for node in graph.node:
+        _check_arity(node, opset, path)
         for name in node.input:
             if name and name not in known:
                 raise InputError(
@@ -138,6 +140,26 @@ def check_model_structure(model: onnx.ModelProto, path: Path) -> None:
     for output in graph.output:
         if output.name not in known:
             raise InputError(f"{path}: graph output '{output.name}' is produced by no node (truncated graph?)")
+
+
+def _check_arity(node: onnx.NodeProto, opset: int, path: Path) -> None:
+    """Standard ops must have as many inputs and outputs as their schema allows (matchers index them)."""
+    if node.domain not in ("", "ai.onnx"):
+        return
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except Exception:  # noqa: BLE001 - unknown op or not in this opset: onnxruntime will say so
+        return
+    for what, count, low, high in (
+        ("inputs", len(node.input), schema.min_input, schema.max_input),
+        ("outputs", len(node.output), schema.min_output, schema.max_output),
+    ):
+        if not low <= count <= high:
+            allowed = str(low) if low == high else f"{low} to {high}"
+            raise InputError(
+                f"{path}: node {_label(node)} has {count} {what}, {node.op_type} takes {allowed} "
+                "(corrupt or edited graph)"
+            )
 
 
 def _label(node: onnx.NodeProto) -> str:
@@ -312,7 +334,8 @@ class TensorStore:
 def set_tensor_data(tensor: TensorProto, values: np.ndarray) -> None:
     """Replace a TensorProto's values in place, keeping its name and element type."""
     dtype = np_dtype(tensor.data_type)
-    values = np.ascontiguousarray(values, dtype=dtype) if dtype.kind != "O" else np.asarray(values)
+    # np.asarray, not np.ascontiguousarray: the latter turns a 0-d scalar into shape (1,).
+    values = np.asarray(values, dtype=dtype, order="C") if dtype.kind != "O" else np.asarray(values)
     name = tensor.name
     new = numpy_helper.from_array(values, name)
     new.data_type = tensor.data_type

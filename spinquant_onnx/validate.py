@@ -35,7 +35,9 @@ DEFAULT_VOCAB_SIZE = 64
 """Fallback id range when the vocab cannot be inferred; ids below it are valid for any real embedding."""
 
 _PREFILL_CASE = (1, 8, 0)
-_PAST_CASE = (2, 3, 5)
+# With a KV cache: a chunk after a non-empty past (batch 1: GroupQueryAttention allows no more), then a
+# batched single-token decode step.
+_PAST_CASES = [(1, 3, 5), (2, 1, 6)]
 _PROTOBUF_LIMIT = 2**31 - 1
 _TINY = float(np.finfo(np.float64).tiny)
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
@@ -115,8 +117,12 @@ def synthesize_inputs(
     past: int = 0,
     seed: int = 0,
     vocab_size: int | None = None,
+    dims: dict[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Deterministic feeds for every real graph input of a decoder export.
+
+    ``dims`` fixes named symbolic dims the names alone do not explain (the genai builder's
+    ``kv_cache_dim`` is the head size, say); the caller knows them from the matched graph.
 
     Symbolic dims are resolved by name (batch / past / total / sequence; unknown -> seq), the
     attention_mask's last dim is always past+seq. Ids are drawn from [0, vocab_size): pass the real vocab
@@ -130,7 +136,7 @@ def synthesize_inputs(
         raise InputError(f"vocab_size must be positive, got {vocab}")
     feeds: dict[str, np.ndarray] = {}
     for value_info in _real_inputs(model):
-        shape = _input_shape(value_info, batch=batch, seq=seq, past=past)
+        shape = _input_shape(value_info, batch=batch, seq=seq, past=past, named=dims or {})
         rng = np.random.default_rng([seed, zlib.crc32(value_info.name.encode())])
         feeds[value_info.name] = _input_value(value_info, shape, rng, seq=seq, past=past, vocab=vocab)
     return feeds
@@ -142,7 +148,9 @@ def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [vi for vi in model.graph.input if vi.name not in initializers]
 
 
-def _input_shape(value_info: onnx.ValueInfoProto, *, batch: int, seq: int, past: int) -> tuple[int, ...]:
+def _input_shape(
+    value_info: onnx.ValueInfoProto, *, batch: int, seq: int, past: int, named: dict[str, int]
+) -> tuple[int, ...]:
     """Concrete shape: fixed dims as given, symbolic ones by name."""
     tensor_type = value_info.type.tensor_type
     if not tensor_type.HasField("shape"):
@@ -152,6 +160,8 @@ def _input_shape(value_info: onnx.ValueInfoProto, *, batch: int, seq: int, past:
     for axis, dim in enumerate(dims):
         if dim.HasField("dim_value"):
             shape.append(dim.dim_value)
+        elif dim.dim_param in named:
+            shape.append(named[dim.dim_param])
         elif _is_attention_mask(value_info.name) and axis == len(dims) - 1:
             shape.append(past + seq)
         else:
@@ -408,19 +418,25 @@ def compare_models(
     threshold: float = 1e-4,
     seed: int = 0,
     vocab_size: int | None = None,
+    dims: dict[str, int] | None = None,
+    own_cache: bool = False,
 ) -> ValidationResult:
     """Run both models on identical synthetic inputs and compare every float output by name.
 
     Passes when every float output's worst-case relative L2 error is <= threshold and the logits' argmax
     agrees everywhere. The models run one after the other, so only one is in memory at a time.
+    With a KV cache, a prefill is followed by decode steps in which each model is fed its *own* cache.
+    ``own_cache`` says the caches legitimately differ (R2 rotates values, R3 keys): then ``present.*``
+    outputs and random-past cases are not compared, only logits along the decode.
     Raises ValidationFailedError when the two models do not even have the same inputs or outputs.
     """
     graph = _graph_only(original)
     if vocab_size is None:
         vocab_size = infer_vocab_size(graph)
-    cases = [_PREFILL_CASE, _PAST_CASE] if has_past_inputs(graph) else [_PREFILL_CASE]
+    kv = has_past_inputs(graph)
+    cases = [_PREFILL_CASE, *_PAST_CASES] if kv and not own_cache else [_PREFILL_CASE]
     feeds = [
-        synthesize_inputs(graph, batch=b, seq=s, past=p, seed=seed, vocab_size=vocab_size)
+        synthesize_inputs(graph, batch=b, seq=s, past=p, seed=seed, vocab_size=vocab_size, dims=dims)
         for b, s, p in cases
     ]
     labels = [f"batch={b} seq={s} past={p}" for b, s, p in cases]
@@ -429,10 +445,22 @@ def compare_models(
     _check_same_outputs(expected[0], actual[0])
 
     logits_name = _logits_name(graph, expected[0])
+    compared = [n for n in expected[0] if _is_float(expected[0][n]) and not (own_cache and n.startswith("present"))]
+    if kv:
+        steps = _decode(original, graph, feeds[0], expected[0], logits_name, providers, seed, vocab_size, dims)
+        mine = _decode(rotated, graph, feeds[0], actual[0], logits_name, providers, seed, vocab_size, dims)
+        if steps is not None and mine is not None:
+            expected += [{logits_name: out} for out in steps]
+            actual += [{logits_name: out} for out in mine]
+            labels = [*labels, f"{len(steps)} decode steps, each model on its own cache"]
     diffs = [
-        _diff_output(name, [e[name] for e in expected], [a[name] for a in actual], name == logits_name)
-        for name in expected[0]
-        if _is_float(expected[0][name])
+        _diff_output(
+            name,
+            [e[name] for e in expected if name in e],
+            [a[name] for a in actual if name in a],
+            name == logits_name,
+        )
+        for name in compared
     ]
     headline = next(d for d in diffs if d.name == logits_name)
     agreement = 1.0 if headline.argmax_agreement is None else headline.argmax_agreement
@@ -448,6 +476,39 @@ def compare_models(
         passed=passed,
         cases=labels,
     )
+
+
+DECODE_STEPS = 2
+
+
+def _decode(
+    model: ModelLike,
+    graph: onnx.ModelProto,
+    first: dict[str, np.ndarray],
+    prefill: dict[str, np.ndarray],
+    logits: str,
+    providers: Sequence[str] | None,
+    seed: int,
+    vocab_size: int | None,
+    dims: dict[str, int] | None,
+) -> list[np.ndarray] | None:
+    """Logits of single-token steps after ``prefill``, feeding back the model's own ``present.*`` outputs."""
+    inputs = {vi.name for vi in _real_inputs(graph)}
+    cache = {name.replace("present", "past_key_values"): name for name in prefill if name.startswith("present")}
+    if not cache or not set(cache) <= inputs:
+        return None  # cache outputs that do not map onto the inputs by name: nothing to feed back
+    batch = next(iter(first.values())).shape[0]
+    total = _PREFILL_CASE[1]
+    outputs, results = prefill, []
+    with open_session(model, providers) as session:
+        for step in range(DECODE_STEPS):
+            feed = synthesize_inputs(graph, batch=batch, seq=1, past=total, seed=seed + 1 + step,
+                                     vocab_size=vocab_size, dims=dims)
+            feed.update({past: outputs[present] for past, present in cache.items()})
+            outputs = _run(session, feed, model)
+            results.append(outputs[logits])
+            total += 1
+    return results
 
 
 def _graph_only(model: ModelLike) -> onnx.ModelProto:

@@ -246,7 +246,12 @@ def test_kv_decoder_identical_passes_over_both_cases() -> None:
     result = compare_models(kv_decoder(), kv_decoder(), providers=["cpu"])
     assert result.passed and result.rel_l2 == 0.0 and result.argmax_agreement == 1.0
     assert result.provider == CPU
-    assert result.cases == ["batch=1 seq=8 past=0", "batch=2 seq=3 past=5"]
+    assert result.cases == [
+        "batch=1 seq=8 past=0",
+        "batch=1 seq=3 past=5",
+        "batch=2 seq=1 past=6",
+        "2 decode steps, each model on its own cache",
+    ]
     diffs = {o.name: o for o in result.outputs}
     assert set(diffs) == {"logits", "present.0.key", "present.0.value"}
     assert diffs["logits"].argmax_agreement == 1.0

@@ -138,6 +138,94 @@ def op_axes(index: GraphIndex, node: onnx.NodeProto) -> list[int] | None:
     return None
 
 
+def tensor_rank(index: GraphIndex, name: str, depth: int = 0) -> int | None:
+    """A tensor's rank from value_info, or from the op that makes it (Transpose perm, Reshape shape...)."""
+    shape = index.static_shape(name)
+    if shape is not None:
+        return len(shape)
+    node = index.producer.get(name)
+    if node is None or depth > 12:
+        return None
+    if node.op_type == "Transpose" and index.attr(node, "perm") is not None:
+        return len(index.attr(node, "perm"))
+    if node.op_type == "Reshape":
+        target = partial_values(index, node.input[1])
+        return len(target) if target is not None else None
+    if node.op_type in ("Unsqueeze", "Squeeze"):
+        axes, inner = op_axes(index, node), tensor_rank(index, node.input[0], depth + 1)
+        if axes is None or inner is None:
+            return None
+        return inner + len(axes) if node.op_type == "Unsqueeze" else inner - len(axes)
+    if node.op_type == "Expand":
+        target = partial_values(index, node.input[1])
+        inner = tensor_rank(index, node.input[0], depth + 1)
+        return None if target is None or inner is None else max(len(target), inner)
+    if node.op_type in ("Concat", "Add", "Mul", "Sub", "Div", "Neg", "Cast", "Identity", "QcQuantizeOp", "Slice"):
+        return tensor_rank(index, node.input[0], depth + 1)
+    return None
+
+
+def _last_dim_source(index: GraphIndex, shape_tensor: str) -> tuple[str, int] | None:
+    """(T, axis) when the last element of a shape tensor is ``T.shape[axis]`` read at run time."""
+    node = index.producer.get(shape_tensor)
+    while node is not None and node.op_type in ("Concat", "Cast", "Unsqueeze"):
+        node = index.producer.get(node.input[-1] if node.op_type == "Concat" else node.input[0])
+    if node is None:
+        return None
+    if node.op_type == "Gather" and index.attr(node, "axis", 0) == 0:
+        shape_node = index.producer.get(node.input[0])
+        position = index.constant(node.input[1])
+        if shape_node is None or shape_node.op_type != "Shape" or position is None or position.size != 1:
+            return None
+        start = index.attr(shape_node, "start", 0)
+        return shape_node.input[0], int(position.reshape(())) + start
+    if node.op_type == "Shape":
+        start, end = index.attr(node, "start", 0), index.attr(node, "end")
+        if end is not None and (end - start == 1 or end == 0 and start == -1):
+            return node.input[0], start
+    return None
+
+
+def _same_last_dim(index: GraphIndex, name: str, limit: int = 12) -> set[str]:
+    """Tensors upstream of ``name`` whose last dim is certainly the same as its own."""
+    found = {name}
+    for _ in range(limit):
+        node = index.producer.get(name)
+        if node is None:
+            break
+        op = node.op_type
+        if op == "Transpose":
+            perm = index.attr(node, "perm")
+            if perm is None or list(perm)[-1] != len(perm) - 1:
+                break
+        elif op in ("Unsqueeze", "Squeeze"):
+            axes = op_axes(index, node)
+            if axes is None or -1 in axes:
+                break
+        elif op not in ("Expand", "Cast", "Identity", "QcQuantizeOp", "Neg", "Mul", "Div"):
+            break
+        name = node.input[0]
+        found.add(name)
+    return found
+
+
+def reshape_last_dim(index: GraphIndex, node: onnx.NodeProto) -> int | str | None:
+    """What a Reshape's output last dim is: an int, "-1", "same" (its input's last dim), or None (unknown)."""
+    shape = partial_values(index, node.input[1])
+    if shape and shape[-1] is not None:
+        if shape[-1] == 0 and not index.attr(node, "allowzero", 0):
+            return "same" if len(shape) == tensor_rank(index, node.input[0]) else None
+        return "-1" if shape[-1] == -1 else shape[-1]
+    source = _last_dim_source(index, node.input[1])
+    if source is None:
+        return None
+    tensor, axis = source
+    rank = tensor_rank(index, tensor)
+    if rank is None or axis not in (-1, rank - 1):
+        return None
+    return "same" if tensor in _same_last_dim(index, node.input[0]) else None
+
+
 # ------------------------------------------------------------------------------------------ projections
 
 
@@ -316,10 +404,31 @@ def _fused_evidence(index: GraphIndex, op: onnx.NodeProto, ev: _Evidence) -> Non
     label = f"{op.op_type} {node_label(op)}"
     heads = index.attr(op, "num_heads")
     ev.add("heads", label, heads)
+    if op.op_type == "Attention" and op.domain in ("", "ai.onnx"):  # ONNX opset-23 Attention
+        ev.add("heads", label, index.attr(op, "q_num_heads"))
+        ev.add("kv_heads", label, index.attr(op, "kv_num_heads"))
     if op.op_type == "GroupQueryAttention":
         ev.add("kv_heads", label, index.attr(op, "kv_num_heads"))
-    elif heads:
+        for name in op.input[3:5]:  # past_key / past_value: [batch, kv_heads, past, head_dim]
+            shape = index.static_shape(name) if name else None
+            if shape is not None and len(shape) == 4:
+                ev.add("head_dim", f"cache input '{name}'", shape[3])
+                ev.add("kv_heads", f"cache input '{name}'", shape[1])
+    elif heads and op.op_type != "Attention":  # the ONNX Attention op takes separate q/kv head counts
         ev.add("kv_heads", label, heads)
+
+
+def _mark_packed(index: GraphIndex, projections: dict[str, Projection]) -> onnx.NodeProto | None:
+    """The fused attention op; a lone projection it reads as packed q|k|v (inputs 1, 2 empty) becomes "qkv"."""
+    fused = _fused_op(index, projections)
+    if fused is None or len(projections) != 1:
+        return fused
+    packed = len(fused.input) < 3 or not (fused.input[1] or fused.input[2])
+    ((role, proj),) = projections.items()
+    if packed and role != "qkv":
+        projections.pop(role)
+        projections["qkv"] = Projection("qkv", proj.linear, proj.tensor, proj.start, proj.stop)
+    return fused
 
 
 def _cache_evidence(index: GraphIndex, projections: dict[str, Projection], ev: _Evidence) -> None:
@@ -355,7 +464,7 @@ def head_geometry(
             heads_tensor = _reshape_evidence(index, proj, ev, count_kind)
             if role in ("q", "k"):
                 _norm_evidence(index, norms_by_input, heads_tensor, role, ev)
-    fused = _fused_op(index, projections)
+    fused = _mark_packed(index, projections)
     if fused is not None:
         _fused_evidence(index, fused, ev)
     _cache_evidence(index, projections, ev)

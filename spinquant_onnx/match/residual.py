@@ -175,9 +175,12 @@ def trace_stream(index: GraphIndex) -> Stream:
             continue
         norm = internal.get(id(node))
         if norm is not None and any(name in stream for name in norm.inputs):
-            if norm.sum_output is not None and id(norm) not in seen_norms:
+            if len(norm.inputs) > 1 and id(norm) not in seen_norms:
+                # A Skip norm adds before normalizing: that sum is a residual Add, writer included,
+                # whether or not its sum output (the next residual) is used.
                 _check_skip_writer(index, norm, stream, hidden, events, norm_outputs)
-                stream.add(norm.sum_output)
+                if norm.sum_output is not None:
+                    stream.add(norm.sum_output)
             open_norm(norm)
             if node.op_type in TRANSPARENT_OPS:
                 stream.update(node.output[:1])

@@ -103,7 +103,10 @@ def attention_role(index: GraphIndex, linear: Linear, stop: frozenset[str]) -> s
     for node, slot, _ in _forward(index, linear.output, stop=stop):
         if node.op_type in ATTENTION_OPS:
             order = ATTENTION_OPS[node.op_type]
-            if slot in order:
+            packed = slot == order[0] and all(len(node.input) <= i or not node.input[i] for i in order[1:])
+            if packed:
+                slots.update("qkv")  # one packed input carries q, k and v
+            elif slot in order:
                 slots.add("qkv"[order.index(slot)])
         elif node.op_type == "MatMul" and not index.is_initializer(node.input[1]):
             if _from_softmax(index, node.input[1 - slot]):
@@ -180,7 +183,8 @@ def assign_roles(index: GraphIndex, stream: Stream, given: dict[str, str] | None
 
 
 def _infer(index: GraphIndex, stream: Stream, parts: list[SubBlock], final: SubBlock | None) -> None:
-    stop = frozenset(stream.tensors)
+    # Searches stay inside their sub-block: never through the stream or a stream norm into the next one.
+    stop = frozenset(stream.tensors) | {event.norm.output for event in stream.norms}
     for part in parts:
         linears = [entry.linear for entry in part.readers]
         if any(reaches_attention(index, lin, stop) for lin in linears):

@@ -44,6 +44,21 @@ def insert_online_writes(index: GraphIndex, stream: Stream, rotation: Rotation) 
     return inserted
 
 
+def insert_online_entries(index: GraphIndex, stream: Stream, rotation: Rotation) -> list[OnlineRotation]:
+    """R1 on each graph input that feeds the stream (``inputs_embeds``): nothing upstream can absorb it here."""
+    return [
+        insert_online_rotation(
+            index,
+            entry,
+            rotation,
+            transpose=False,
+            elem_type=_elem_type(index, entry),
+            reason="R1 on a residual-stream graph input (no embedding table in this graph)",
+        )
+        for entry in stream.entries
+    ]
+
+
 def _elem_type(index: GraphIndex, tensor: str) -> int:
     info = index.value_info.get(tensor)
     if info is not None and info.type.tensor_type.elem_type:

@@ -1,0 +1,195 @@
+"""R2: one head_dim rotation per layer between V and O, absorbed into both weights.
+
+Each head's value vector v_h becomes v_h R2, so ``W_v' = W_v (I_kv (x) R2)`` (and its bias); attention mixes
+whole value vectors, so every query head h reading KV group g(h) gets ``out_h R2``, and
+``W_o' = (I_heads (x) R2^T) W_o`` undoes it. One R2 for all heads of a layer keeps GQA exact however the
+KV heads are repeated. With a fused qkv weight only its v columns turn. Before planning, the path from v to
+o is walked to make sure nothing on it looks inside a head (only layout ops, the probs @ V MatMul, a
+fused attention op, and cache outputs): anything else is refused rather than rotated wrongly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from spinquant_onnx.errors import UnsupportedGraphError
+from spinquant_onnx.graph_index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphIndex, node_label
+from spinquant_onnx.match.heads import FUSED_ATTENTION, AttentionSite, op_axes, reshape_last_dim
+from spinquant_onnx.rewrite.plan import TensorPlan, rotate
+from spinquant_onnx.rotations import Rotation
+
+LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Tile", "Concat", "Slice"})
+
+
+def tile_rotation(rotation: Rotation, count: int) -> Rotation:
+    """diag(R, ..., R) with ``count`` copies: R applied to each consecutive block of R.n entries."""
+    if count == 1:
+        return rotation
+    return dataclasses.replace(rotation, n=rotation.n * count, kind="block-diagonal", block_size=rotation.block)
+
+
+@dataclass(frozen=True, eq=False)
+class RangeRotation:
+    """``inner`` on entries [start, start + inner.n) of an axis of length n, identity elsewhere.
+
+    Duck-types the part of Rotation that TensorPlan uses (apply, apply_transpose, n, describe): a fused qkv
+    weight needs R2 on its v columns only.
+    """
+
+    n: int
+    start: int
+    inner: Rotation
+
+    def _window(self, ndim: int, axis: int) -> tuple[slice, ...]:
+        window = [slice(None)] * ndim
+        window[axis] = slice(self.start, self.start + self.inner.n)
+        return tuple(window)
+
+    def apply(self, x: np.ndarray, axis: int, dtype: type = np.float64) -> np.ndarray:
+        y = np.array(x, dtype=dtype)
+        window = self._window(y.ndim, axis % y.ndim)
+        y[window] = self.inner.apply(y[window], axis, dtype=dtype)
+        return y
+
+    def apply_transpose(self, x: np.ndarray, axis: int, dtype: type = np.float64) -> np.ndarray:
+        y = np.array(x, dtype=dtype)
+        window = self._window(y.ndim, axis % y.ndim)
+        y[window] = self.inner.apply_transpose(y[window], axis, dtype=dtype)
+        return y
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.inner.describe(), "range": [self.start, self.start + self.inner.n], "axis_length": self.n}
+
+
+# ------------------------------------------------------------------------------------- value path check
+
+
+def _from_softmax(index: GraphIndex, tensor: str, hops: int = 6) -> bool:
+    name = tensor
+    for _ in range(hops):
+        producer = index.producer.get(name)
+        if producer is None:
+            return False
+        if producer.op_type == "Softmax":
+            return True
+        name = producer.input[0]
+    return False
+
+
+def _keeps_last_axis(index: GraphIndex, node: onnx.NodeProto, head_dim: int) -> bool:
+    """Whether a layout op keeps head_dim-wide blocks of the last axis intact."""
+    op = node.op_type
+    if op == "Transpose":
+        perm = index.attr(node, "perm")
+        return perm is not None and list(perm)[-1] == len(perm) - 1
+    if op == "Reshape":
+        last = reshape_last_dim(index, node)
+        return last in ("-1", "same") or (isinstance(last, int) and last > 0 and last % head_dim == 0)
+    if op in ("Concat", "Slice", "Squeeze", "Unsqueeze"):
+        axes = op_axes(index, node)
+        if axes is None:
+            return False
+        rank = _rank_of(index, node)
+        return all(a != -1 and (rank is None or a != rank - 1) for a in axes)
+    return op in ("Expand", "Tile")
+
+
+def _rank_of(index: GraphIndex, node: onnx.NodeProto) -> int | None:
+    """Rank of a node's data (largest known among inputs and output; Unsqueeze counts its output)."""
+    names = [*node.input, *node.output] if node.op_type == "Concat" else [node.input[0], *node.output]
+    ranks = [len(s) for s in (index.static_shape(n) for n in names if n) if s is not None]
+    return max(ranks) if ranks else None
+
+
+def value_path(index: GraphIndex, site: AttentionSite) -> list[str]:
+    """Walk from v to o's input and refuse anything that looks inside a head; returns graph outputs reached."""
+    where = f"R2, attention block {site.block}"
+    head_dim, v, o = site.geometry.head_dim, site.v, site.o
+    frontier, seen, outputs, reached = [v.tensor], set(), [], False
+    while frontier:
+        name = frontier.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in index.graph_outputs:
+            outputs.append(name)
+        for use in index.users(name):
+            node = use.node
+            if node.op_type in SHAPE_ONLY_OPS:
+                continue
+            if node is o.node and use.index == 0:
+                reached = True
+            elif node.op_type in TRANSPARENT_OPS:
+                frontier.extend(node.output)
+            elif node.op_type == "MatMul" and use.index == 1 and _from_softmax(index, node.input[0]):
+                frontier.append(node.output[0])
+            elif node.op_type in FUSED_ATTENTION and (use.index == 2 or (use.index == 0 and v.start > 0)):
+                frontier.append(node.output[0])
+                outputs.extend(out for out in node.output[1:] if out in index.graph_outputs)
+            elif node.op_type in LAYOUT_OPS and (use.index == 0 or node.op_type == "Concat"):
+                if not _keeps_last_axis(index, node, head_dim):
+                    raise UnsupportedGraphError(
+                        f"{where}: {node_label(node)} on the value path may split or mix head_dim blocks; "
+                        "cannot apply R2 exactly (drop --r2)"
+                    )
+                frontier.extend(node.output)
+            else:
+                raise UnsupportedGraphError(
+                    f"{where}: {node_label(node)} reads the attention values in a way R2 cannot pass "
+                    f"(input {use.index}); drop --r2"
+                )
+    if not reached:
+        raise UnsupportedGraphError(f"{where}: the values from {v.linear.label} never reach o_proj {o.label}")
+    return sorted(set(outputs))
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def plan_r2(
+    index: GraphIndex,
+    sites: list[AttentionSite],
+    rotation_for: Callable[[int, int], Rotation],
+    plan: TensorPlan,
+) -> list[dict[str, Any]]:
+    """Add R2's weight operations; ``rotation_for(block, head_dim)`` gives each layer's R2."""
+    report = []
+    for site in sites:
+        if site.v is None:
+            raise UnsupportedGraphError(f"R2, attention block {site.block}: no v projection found")
+        geometry = site.geometry
+        r2 = rotation_for(site.block, geometry.head_dim)
+        if r2.n != geometry.head_dim:
+            raise UnsupportedGraphError(
+                f"R2 for layer {site.block} is {r2.n}x{r2.n} but the graph's head_dim is {geometry.head_dim}"
+            )
+        cache_outputs = value_path(index, site)
+        v, o = site.v, site.o
+        v_rotation: Any = tile_rotation(r2, geometry.num_kv_heads)
+        if v.start != 0 or v.stop != v.linear.out_features:
+            v_rotation = RangeRotation(v.linear.out_features, v.start, v_rotation)
+        plan.add(v.linear.weight, v.linear.weight_use, [rotate(v.linear.out_axis, v_rotation, "R2")], "R2 v")
+        if v.linear.bias is not None:
+            plan.add(v.linear.bias, v.linear.bias_use, [rotate(v.linear.bias_axis, v_rotation, "R2")], "R2 v bias")
+        o_rotation = tile_rotation(r2, geometry.num_heads)
+        plan.add(o.weight, o.weight_use, [rotate(o.in_axis, o_rotation, "R2")], "R2 o")
+        report.append(
+            {
+                "block": site.block,
+                "v": v.linear.label,
+                "v_columns": [v.start, v.stop],
+                "o": o.label,
+                "head_dim": geometry.head_dim,
+                "num_heads": geometry.num_heads,
+                "num_kv_heads": geometry.num_kv_heads,
+                "rotation": r2.describe(),
+                "cache_outputs_rotated": cache_outputs,
+            }
+        )
+    return report

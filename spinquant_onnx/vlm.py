@@ -1,0 +1,715 @@
+"""Vision-language models: one R1 across the backbone, its embedding table and the visual encoder.
+
+A VLM ships as separate pieces: a text backbone exported with ``inputs_embeds`` (no embedding Gather), a
+visual encoder whose merger projection(s) produce the image embeddings, and the token embedding table
+(``embedding.pth``). The backbone's residual stream starts at its graph inputs (``Stream.entries``:
+``inputs_embeds``, and for Qwen3-VL the deepstack features added after the first text layers), so
+whatever produces those values writes into the stream and must be rotated with the same R1:
+
+* offline (an embedding table is given): the table becomes ``E @ R1`` and the visual encoder's output
+  projections (the linears whose outputs reach its graph outputs through row-preserving ops only) have
+  their output axis and bias rotated, so merged text+image embeddings arrive already rotated;
+* online (no table): a ``MatMul(x, R1)`` node is inserted on every entry, and the visual encoder is left
+  alone (rotating it too would apply R1 twice).
+
+A backbone that gathers its own embeddings and is also given an external table is refused: the table would
+be rotated twice. The backbone itself is planned by the core (``api._plan``: norm fusion and R1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from spinquant_onnx import api, checks
+from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedGraphError, ValidationFailedError
+from spinquant_onnx.graph_index import TRANSPARENT_OPS, GraphIndex, node_label
+from spinquant_onnx.graph_io import (
+    TensorStore,
+    commit_output,
+    discard_output,
+    external_files,
+    load_model,
+    output_data_name,
+    save_model,
+    set_tensor_data,
+    staging_dir,
+    uses_external_data,
+)
+from spinquant_onnx.match.linears import Linear, linear_writing
+from spinquant_onnx.rewrite.online import OnlineRotation, insert_online_rotation
+from spinquant_onnx.rewrite.plan import TensorPlan, rotate, run_ops
+from spinquant_onnx.rotations import Rotation
+from spinquant_onnx.torch_pickle import load_torch, save_torch
+
+# Ops between a merger projection and a visual output that move whole rows of the hidden axis around
+# (window un-permutation, stacking, reshapes) and so commute with ``x -> x @ R`` on that axis.
+ROW_OPS = frozenset({"Gather", "Concat", "Reshape", "Unsqueeze", "Squeeze", "Transpose"})
+_SMALL_INT_BYTES = 1 << 16  # int64 initializers up to this size are copied for shape inference
+
+
+@dataclass
+class VisualWriter:
+    """A linear of the visual encoder whose output becomes (part of) an image-embedding output."""
+
+    linear: Linear
+    outputs: list[str]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "linear": self.linear.label,
+            "weight": self.linear.weight,
+            "bias": self.linear.bias,
+            "outputs": self.outputs,
+        }
+
+
+@dataclass
+class VisualPart:
+    model: onnx.ModelProto
+    store: TensorStore
+    index: GraphIndex
+    writers: list[VisualWriter] = field(default_factory=list)
+    unchanged_outputs: list[str] = field(default_factory=list)
+    plan: TensorPlan | None = None
+
+
+@dataclass
+class VlmPlan:
+    """Everything decided before any tensor is computed or written."""
+
+    analysis: api.Analysis
+    plan: TensorPlan
+    report: api.Report
+    rotation: Rotation
+    mode: str  # "offline" (table and visual rotated) | "online" (MatMul on each entry) | "core" (no entries)
+    entries: list[str]
+    visual: VisualPart | None
+
+
+@dataclass
+class VlmReport:
+    """The core report of the backbone plus what was done to the embedding table and the visual encoder."""
+
+    backbone: api.Report
+    mode: str
+    entries: list[str]
+    embedding: dict[str, Any] | None = None
+    visual: dict[str, Any] | None = None
+    online_rotations: list[dict[str, str]] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+    validation: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.backbone.to_dict()
+        data["vlm"] = {
+            "mode": self.mode,
+            "entries": self.entries,
+            "embedding": self.embedding,
+            "visual": self.visual,
+            "online_rotations": self.online_rotations,
+            "outputs": self.outputs,
+            "validation": self.validation,
+            "timings_s": self.timings,
+        }
+        return data
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+
+def plan_vlm(
+    analysis: api.Analysis, visual: VisualPart | None, table_shape: tuple[int, ...] | None, opts: api.Options
+) -> VlmPlan:
+    """Decide the mode, check the pieces fit together, and plan the backbone (core) and the visual writers."""
+    stream = analysis.stream
+    if table_shape is not None and stream.embedding is not None:
+        raise UnsupportedGraphError(
+            f"the backbone gathers its own embeddings from '{stream.embedding.table}' and an external embedding "
+            "table was given too: it would be rotated twice; drop the external table, or export the backbone "
+            "with inputs_embeds"
+        )
+    if table_shape is not None and (len(table_shape) != 2 or table_shape[1] != stream.hidden):
+        raise InputError(
+            f"embedding table has shape {list(table_shape)}; expected [vocab, {stream.hidden}] for this backbone"
+        )
+    entries = list(dict.fromkeys(stream.entries))
+    if visual is not None and not entries:
+        raise UnsupportedGraphError(
+            "the backbone has no inputs_embeds-style input, so the visual encoder's embeddings cannot enter it; "
+            "rotate it alone with `spinquant-onnx rotate`"
+        )
+    _check_entry_readers(analysis, entries)
+    opts.entries = "external"  # this module rotates the entries itself: the table, or online below
+    plan, report = api._plan(analysis, opts)
+    rotation = _plan_rotation(plan)
+    mode = "core" if not entries else ("offline" if table_shape is not None else "online")
+    if visual is not None and mode == "offline":
+        _plan_visual(visual, rotation, stream.hidden, plan.work)
+    return VlmPlan(analysis, plan, report, rotation, mode, entries, visual)
+
+
+def _plan_rotation(plan: TensorPlan) -> Rotation:
+    """The R1 object the core planned with (generated or learned), so every piece uses exactly that matrix."""
+    found = {
+        id(op.rotation): op.rotation
+        for target in plan.targets.values()
+        for op in target.ops
+        if op.kind == "rotate" and op.note == "R1"
+    }
+    if len(found) != 1:
+        raise SpinQuantError(f"the backbone plan holds {len(found)} R1 rotations; expected exactly one")
+    return next(iter(found.values()))
+
+
+def _check_entry_readers(analysis: api.Analysis, entries: list[str]) -> None:
+    """Each entry may only be read by the stream (a norm or a residual Add): anything else would see R1."""
+    index, stream = analysis.index, analysis.stream
+    norm_nodes = {id(node) for event in stream.norms for node in event.norm.nodes}
+    for entry in entries:
+        for use in index.value_users(entry):
+            if id(use.node) in norm_nodes or any(out in stream.tensors for out in use.node.output):
+                continue
+            raise UnsupportedGraphError(
+                f"backbone input '{entry}' feeds the residual stream and is also read by node "
+                f"{node_label(use.node)}, which would see the rotated values"
+            )
+
+
+def _plan_visual(visual: VisualPart, rotation: Rotation, hidden: int, work: type) -> None:
+    visual.writers, visual.unchanged_outputs = find_visual_writers(visual.index, hidden)
+    plan = TensorPlan(work=work)
+    for writer in visual.writers:
+        linear = writer.linear
+        plan.add(linear.weight, linear.weight_use, [rotate(linear.out_axis, rotation, "R1")], "visual writer")
+        if linear.bias is not None:
+            plan.add(linear.bias, linear.bias_use, [rotate(linear.bias_axis, rotation, "R1")], "visual writer bias")
+    plan.finalize(visual.index)
+    visual.plan = plan
+
+
+# ------------------------------------------------------------------------------------ visual writers
+
+
+def find_visual_writers(index: GraphIndex, hidden: int) -> tuple[list[VisualWriter], list[str]]:
+    """The linears producing the visual outputs of width ``hidden``, and the outputs left unchanged.
+
+    Each such output must come from linear layers through row-moving ops only, and those linears' outputs
+    must reach nothing but such outputs; otherwise rotating them would change something else, and the
+    encoder is refused.
+    """
+    ranks = _Ranks(index)
+    writers: dict[int, VisualWriter] = {}
+    path: set[int] = set()
+    unchanged: list[str] = []
+    for output in index.graph.output:
+        shape = index.static_shape(output.name)
+        if shape and shape[-1] is not None and shape[-1] != hidden:
+            unchanged.append(output.name)
+            continue
+        _walk_to_writers(index, output.name, hidden, ranks, writers, path)
+    if not writers:
+        raise UnsupportedGraphError(f"no visual encoder output of width {hidden} (the backbone's hidden size)")
+    for writer in writers.values():
+        _check_closed(index, writer, path)
+    return list(writers.values()), unchanged
+
+
+def _walk_to_writers(
+    index: GraphIndex,
+    output: str,
+    hidden: int,
+    ranks: _Ranks,
+    writers: dict[int, VisualWriter],
+    path: set[int],
+) -> None:
+    stack = [output]
+    while stack:
+        name = stack.pop()
+        linear = linear_writing(index, name)
+        if linear is not None:
+            if linear.out_features != hidden:
+                raise UnsupportedGraphError(
+                    f"visual linear {linear.label} writes {linear.out_features} features into output '{output}'; "
+                    f"the backbone's residual stream has {hidden}"
+                )
+            found = writers.setdefault(id(linear.node), VisualWriter(linear, []))
+            if output not in found.outputs:
+                found.outputs.append(output)
+            continue
+        node = index.producer.get(name)
+        if node is None:
+            what = "initializer" if index.is_initializer(name) else "graph input"
+            raise UnsupportedGraphError(
+                f"visual output '{output}' takes values from {what} '{name}' without a linear layer in between; "
+                "it cannot be rotated exactly"
+            )
+        if node.op_type not in TRANSPARENT_OPS and not _moves_rows(index, node, hidden, ranks):
+            raise UnsupportedGraphError(
+                f"visual output '{output}' comes through node {node_label(node)}, which is neither a linear layer "
+                "nor an op that keeps the hidden axis whole, so R1 cannot be absorbed before it"
+            )
+        path.add(id(node))
+        stack.extend(node.input if node.op_type == "Concat" else node.input[:1])
+
+
+def _moves_rows(index: GraphIndex, node: onnx.NodeProto, hidden: int, ranks: _Ranks) -> bool:
+    """True when ``node`` only selects, stacks or reshapes rows, leaving the last (hidden) axis intact."""
+    op = node.op_type
+    if op not in ROW_OPS:
+        return False
+    if op == "Reshape":
+        shape = index.constant(node.input[1])
+        return shape is not None and shape.size > 0 and int(shape.reshape(-1)[-1]) == hidden
+    if op == "Transpose":
+        perm = index.attr(node, "perm")
+        return perm is not None and perm[-1] == len(perm) - 1
+    if op == "Gather":
+        rank = ranks.get(node.input[0])
+        return rank is not None and index.attr(node, "axis", 0) % rank != rank - 1
+    if op == "Concat":
+        rank = ranks.get(node.output[0])
+        return rank is not None and index.attr(node, "axis") % rank != rank - 1
+    axes = index.attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = index.constant(node.input[1])
+        axes = None if value is None else [int(a) for a in value.reshape(-1)]
+    rank = ranks.get(node.output[0] if op == "Unsqueeze" else node.input[0])
+    return axes is not None and rank is not None and all(a % rank != rank - 1 for a in axes)
+
+
+def _check_closed(index: GraphIndex, writer: VisualWriter, path: set[int]) -> None:
+    """The writer's output may flow only along the checked path to the outputs: nothing else may read it."""
+    frontier, seen = [writer.linear.output], set()
+    while frontier:
+        name = frontier.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for use in index.value_users(name):
+            data_slot = use.index == 0 or use.node.op_type == "Concat"
+            if id(use.node) in path and data_slot:
+                frontier.extend(use.node.output[:1])
+                continue
+            raise UnsupportedGraphError(
+                f"visual linear {writer.linear.label} feeds output(s) {writer.outputs} and is also read by node "
+                f"{node_label(use.node)}; rotating its output would change that reader"
+            )
+
+
+class _Ranks:
+    """Tensor ranks from ONNX shape inference on a weightless copy of the graph (computed on first use)."""
+
+    def __init__(self, index: GraphIndex) -> None:
+        self.index = index
+        self.ranks: dict[str, int] | None = None
+
+    def get(self, name: str) -> int | None:
+        if self.ranks is None:
+            self.ranks = _infer_ranks(self.index)
+        return self.ranks.get(name)
+
+
+def _infer_ranks(index: GraphIndex) -> dict[str, int]:
+    model = index.model
+    graph = helper.make_graph(list(model.graph.node), "ranks", list(index.graph_inputs.values()), model.graph.output)
+    for tensor in model.graph.initializer:
+        if tensor.data_type == TensorProto.INT64 and index.store.nbytes(tensor.name) <= _SMALL_INT_BYTES:
+            graph.initializer.append(numpy_helper.from_array(np.asarray(index.store.array(tensor.name)), tensor.name))
+        else:
+            graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    skeleton = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    skeleton.functions.extend(model.functions)
+    try:
+        skeleton = onnx.shape_inference.infer_shapes(skeleton)
+    except Exception:  # noqa: BLE001 - inference is best effort; unknown ranks make _moves_rows refuse
+        pass
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    for info in chain(skeleton.graph.value_info, skeleton.graph.input, skeleton.graph.output):
+        if info.type.tensor_type.HasField("shape"):
+            ranks.setdefault(info.name, len(info.type.tensor_type.shape.dim))
+    return ranks
+
+
+# ----------------------------------------------------------------------------------------- embedding
+
+
+class _Table:
+    """The embedding table the caller passed: a numpy array or a torch tensor, rewritten in place."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.is_torch = type(value).__module__.startswith("torch")
+        if not self.is_torch and not isinstance(value, np.ndarray):
+            raise InputError(
+                f"embedding must be a numpy array or a torch tensor, got {type(value).__name__}; "
+                "for files use spinquant_onnx.vlm.convert_vlm"
+            )
+        if not self.is_torch and not value.flags.writeable:
+            raise InputError("embedding array is read-only; pass a writable copy (it is rotated in place)")
+
+    def read(self) -> np.ndarray:
+        if not self.is_torch:
+            return self.value
+        torch = sys.modules["torch"]
+        tensor = self.value.detach().cpu()
+        if tensor.dtype == torch.bfloat16:
+            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.numpy()
+
+    def write(self, values: np.ndarray) -> None:
+        if not self.is_torch:
+            self.value[...] = values
+            return
+        torch = sys.modules["torch"]
+        if values.dtype == np.dtype(ml_dtypes.bfloat16):
+            source = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+        else:
+            source = torch.from_numpy(np.ascontiguousarray(values))
+        with torch.no_grad():
+            self.value.copy_(source.to(self.value.device))
+
+
+def rotate_table(table: np.ndarray, rotation: Rotation, work: type = np.float64) -> np.ndarray:
+    """``E @ R1`` row by row (chunked), in ``work`` precision, cast back to the table's dtype."""
+    result = run_ops(np.asarray(table), (rotate(1, rotation, "R1"),), table.dtype, work)
+    checks.require_finite(result, "embedding", "embedding table")
+    return result
+
+
+def _single_table(value: np.ndarray | dict[str, np.ndarray], path: Path) -> tuple[str | None, np.ndarray]:
+    """The one 2-D float tensor of an embedding file (a tensor, or a dict holding exactly one)."""
+    if isinstance(value, np.ndarray):
+        candidates = [(None, value)]
+    else:
+        candidates = [(k, v) for k, v in value.items() if v.ndim == 2]
+    if len(candidates) != 1:
+        raise InputError(
+            f"{path}: expected one [vocab, hidden] tensor, found {len(candidates)} 2-D tensors "
+            f"({', '.join(str(k) for k, _ in candidates[:4])})"
+        )
+    key, table = candidates[0]
+    _check_float(table, str(path))
+    return key, table
+
+
+def _check_float(table: np.ndarray, where: str) -> None:
+    if table.dtype.kind != "f" and table.dtype != np.dtype(ml_dtypes.bfloat16):
+        raise InputError(f"{where}: embedding table has dtype {table.dtype}; expected a float type")
+
+
+# ------------------------------------------------------------------------------------------- entries
+
+
+def apply_vlm(backbone: Any, visual: Any = None, embedding: Any = None, **options: Any) -> VlmReport:
+    """Rotate a VLM in memory: the backbone (ModelProto or QuantizationSimModel) and, consistently, the
+    visual encoder and the embedding table (numpy array or torch tensor), all in place.
+
+    Nothing is changed unless every step succeeds: all new tensors are computed before any is written.
+    """
+    opts = api.Options(**options)
+    if opts.validate:
+        raise SpinQuantError("validate=True needs the original models; use convert_vlm() (rotate-vlm --validate)")
+    started = time.perf_counter()
+    proto = api._as_model_proto(backbone)
+    visual_proto = api._as_model_proto(visual) if visual is not None else None
+    for which, model in (("backbone", proto), ("visual", visual_proto)):
+        if model is not None and uses_external_data(model):
+            raise InputError(
+                f"{which} model has external data that is not loaded; load it with onnx.load(path) first "
+                "or use spinquant_onnx.vlm.convert_vlm"
+            )
+    table = _Table(embedding) if embedding is not None else None
+    original = table.read() if table is not None else None
+    if original is not None:
+        _check_float(original, "embedding")
+    analysis = api.analyze(proto, roles=opts.roles)
+    part = _visual_part(visual_proto) if visual_proto is not None else None
+    vp = plan_vlm(analysis, part, original.shape if original is not None else None, opts)
+
+    backbone_values = {name: vp.plan.materialize(analysis.store, name) for name in vp.plan.targets}
+    visual_values = _visual_values(vp)
+    rotated_table = rotate_table(original, vp.rotation, vp.plan.work) if vp.mode == "offline" else None
+
+    for name, array in backbone_values.items():
+        set_tensor_data(analysis.store.tensors[name], array)
+    if part is not None:
+        for name, array in visual_values.items():
+            set_tensor_data(part.store.tensors[name], array)
+    online = _insert_online(vp) if vp.mode == "online" else []
+    if rotated_table is not None:
+        table.write(rotated_table)
+    for target in (backbone, visual):
+        rebuild = getattr(target, "_rebuild_session", None)
+        if callable(rebuild):
+            rebuild()  # an AIMET sim built its ORT session from the old weights
+    report = _report(vp, original, online)
+    report.timings["total"] = round(time.perf_counter() - started, 4)
+    return report
+
+
+def _visual_part(model: onnx.ModelProto, base_dir: Path | None = None) -> VisualPart:
+    store = TensorStore(model, base_dir)
+    return VisualPart(model, store, GraphIndex(model, store))
+
+
+def _visual_values(vp: VlmPlan) -> dict[str, np.ndarray]:
+    part = vp.visual
+    if part is None or part.plan is None:
+        return {}
+    return {name: part.plan.materialize(part.store, name) for name in part.plan.targets}
+
+
+def _insert_online(vp: VlmPlan) -> list[OnlineRotation]:
+    index = vp.analysis.index
+    inserted = []
+    for entry in vp.entries:
+        elem_type = index.graph_inputs[entry].type.tensor_type.elem_type
+        inserted.append(
+            insert_online_rotation(
+                index,
+                entry,
+                vp.rotation,
+                transpose=False,
+                elem_type=elem_type,
+                reason="R1 on a residual-stream input (no embedding table given)",
+            )
+        )
+    return inserted
+
+
+def _report(vp: VlmPlan, table: np.ndarray | None, online: list[OnlineRotation]) -> VlmReport:
+    report = VlmReport(backbone=vp.report, mode=vp.mode, entries=vp.entries)
+    report.online_rotations = [o.describe() for o in online]
+    if table is not None:
+        report.embedding = {
+            "shape": list(table.shape),
+            "dtype": str(table.dtype),
+            "rotated": vp.mode == "offline",
+        }
+    if vp.visual is not None:
+        rotated = vp.visual.plan is not None
+        report.visual = {
+            "rotated": rotated,
+            "writers": [w.describe() for w in vp.visual.writers],
+            "unchanged_outputs": vp.visual.unchanged_outputs,
+            "note": None if rotated else "left unchanged: R1 is applied online on the backbone's inputs",
+        }
+    return report
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def convert_vlm(
+    backbone_path: str | os.PathLike,
+    visual_path: str | os.PathLike | None,
+    embedding_path: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    *,
+    visual_feeds: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    **options: Any,
+) -> VlmReport:
+    """Rotate the pieces of a VLM from files into ``out_dir`` (same file names), atomically.
+
+    ``visual_feeds`` (a mapping or an .npz path) are inputs for the visual encoder used by ``validate``;
+    without them its inputs are synthesized when all are float with static shapes, else its check is skipped.
+    """
+    opts = api.Options(**options)
+    started = time.perf_counter()
+    paths = _Paths(backbone_path, visual_path, embedding_path, out_dir)
+    model = load_model(paths.backbone)
+    analysis = api.analyze(model, paths.backbone.parent, roles=opts.roles)
+    part = None
+    if paths.visual is not None:
+        part = _visual_part(load_model(paths.visual), paths.visual.parent)
+    key, table, contents = None, None, None
+    if paths.embedding is not None:
+        contents = load_torch(paths.embedding)
+        key, table = _single_table(contents, paths.embedding)
+    vp = plan_vlm(analysis, part, table.shape if table is not None else None, opts)
+    online = _insert_online(vp) if vp.mode == "online" else []
+    report = _report(vp, table, online)
+    report.timings["plan"] = round(time.perf_counter() - started, 4)
+
+    staged: list[tuple[list[Path], Path]] = []
+    stagings: list[Path] = []
+    try:
+        pieces = [(model, analysis.store, vp.plan, paths.backbone)]
+        if part is not None:
+            pieces.append((part.model, part.store, part.plan or TensorPlan(), paths.visual))
+        for piece_model, store, plan, path in pieces:
+            stagings.append(staging_dir(paths.out(path)))
+            staged.append((_save(piece_model, store, plan, stagings[-1], paths.out(path)), paths.out(path)))
+        if table is not None:
+            stagings.append(staging_dir(paths.out(paths.embedding)))
+            values = rotate_table(table, vp.rotation, vp.plan.work) if vp.mode == "offline" else table
+            written = values if key is None else {**contents, key: values}  # other entries kept as they were
+            staged_table = save_torch(stagings[-1] / paths.embedding.name, written)
+        report.timings["rotate_and_write"] = round(time.perf_counter() - started - report.timings["plan"], 4)
+        if opts.validate:
+            mark = time.perf_counter()
+            report.validation = validate_vlm(paths, staged, vp, _load_feeds(visual_feeds), opts)
+            report.timings["validate"] = round(time.perf_counter() - mark, 4)
+        for files, out_path in staged:
+            commit_output(files, out_path, protect=paths.inputs)
+        if table is not None:
+            os.replace(staged_table, paths.out(paths.embedding))
+    finally:
+        for staging in stagings:
+            discard_output(staging)
+    report.outputs = {"backbone": str(paths.out(paths.backbone))}
+    if paths.visual is not None:
+        report.outputs["visual"] = str(paths.out(paths.visual))
+    if paths.embedding is not None:
+        report.outputs["embedding"] = str(paths.out(paths.embedding))
+    report.backbone.input, report.backbone.output = str(paths.backbone), report.outputs["backbone"]
+    report.timings["total"] = round(time.perf_counter() - started, 4)
+    return report
+
+
+class _Paths:
+    """Inputs and their places in ``out_dir``; refuses outputs that would overwrite an input."""
+
+    def __init__(self, backbone: Any, visual: Any, embedding: Any, out_dir: Any) -> None:
+        self.backbone = Path(backbone)
+        self.visual = Path(visual) if visual is not None else None
+        self.embedding = Path(embedding) if embedding is not None else None
+        self.out_dir = Path(out_dir)
+        given = [p for p in (self.backbone, self.visual, self.embedding) if p is not None]
+        for path in given:
+            if not path.is_file():
+                raise InputError(f"{path}: no such file")
+        names = [p.name for p in given]
+        if len(set(names)) != len(names):
+            raise InputError(f"the pieces must have distinct file names to share {self.out_dir}: {names}")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise InputError(f"{self.out_dir}: --out-dir is an existing file")
+        self.inputs = {p.resolve() for p in given}
+        for path in (self.backbone, self.visual):
+            if path is not None:
+                self.inputs |= external_files(load_model(path), path.parent)
+        for path in given:
+            target = self.out(path).resolve()
+            if target in self.inputs:
+                raise InputError(f"{self.out(path)}: output would overwrite an input; choose another --out-dir")
+
+    def out(self, path: Path) -> Path:
+        return self.out_dir / path.name
+
+
+def _save(model: onnx.ModelProto, store: TensorStore, plan: TensorPlan, staging: Path, out_path: Path) -> list[Path]:
+    return save_model(
+        model,
+        staging / out_path.name,
+        checks.checked_values(plan, store),
+        external=True if uses_external_data(model) else None,
+        data_name=output_data_name(out_path),
+    )
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _load_feeds(feeds: Mapping[str, np.ndarray] | str | os.PathLike | None) -> dict[str, np.ndarray] | None:
+    if feeds is None or isinstance(feeds, Mapping):
+        return dict(feeds) if feeds is not None else None
+    try:
+        with np.load(Path(feeds), allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{feeds}: cannot read visual inputs ({exc})") from exc
+
+
+def validate_vlm(
+    paths: _Paths,
+    staged: list[tuple[list[Path], Path]],
+    vp: VlmPlan,
+    visual_feeds: dict[str, np.ndarray] | None,
+    opts: api.Options,
+) -> dict[str, Any]:
+    """Check each rotated piece against its original, feeding the rotated backbone rotated entry values.
+
+    backbone(x) == backbone'(x R) (offline) or backbone'(x) (online); visual'(p) == visual(p) R; E' == E R.
+    Together these are the end-to-end identity image -> visual -> merge -> backbone.
+    """
+    from spinquant_onnx.validate import argmax_agreement, run_model, synthesize_inputs
+
+    rotated = {out_path: files[0] for files, out_path in staged}
+    graph = load_model(paths.backbone)
+    feeds = synthesize_inputs(graph, batch=1, seq=8)
+    rotated_feeds = dict(feeds)
+    if vp.mode == "offline":
+        for entry in vp.entries:
+            rotated_feeds[entry] = vp.rotation.apply(feeds[entry], -1).astype(feeds[entry].dtype)
+    expected, provider = run_model(paths.backbone, feeds, opts.providers)
+    actual, _ = run_model(rotated[paths.out(paths.backbone)], rotated_feeds, opts.providers)
+    name = "logits" if "logits" in expected else next(iter(expected))
+    result: dict[str, Any] = {"provider": provider, "threshold": opts.threshold}
+    result["backbone"] = {
+        "rel_l2": _rel_l2(expected[name], actual[name]),
+        "argmax_agreement": argmax_agreement(expected[name], actual[name]),
+    }
+    passed = result["backbone"]["rel_l2"] <= opts.threshold and result["backbone"]["argmax_agreement"] == 1.0
+    if paths.visual is not None and vp.visual is not None and vp.visual.plan is not None:
+        result["visual"] = _validate_visual(paths.visual, rotated[paths.out(paths.visual)], vp, visual_feeds, opts)
+        passed &= result["visual"].get("rel_l2", 0.0) <= opts.threshold
+    result["passed"] = bool(passed)
+    if not passed:
+        raise ValidationFailedError(f"validation failed: {result}; no output written")
+    return result
+
+
+def _validate_visual(
+    original: Path, rotated: Path, vp: VlmPlan, feeds: dict[str, np.ndarray] | None, opts: api.Options
+) -> dict[str, Any]:
+    from spinquant_onnx.validate import run_model
+
+    if feeds is None:
+        feeds, reason = _synthesize_visual(vp.visual.model)
+        if feeds is None:
+            return {"skipped": reason}
+    expected, _ = run_model(original, feeds, opts.providers)
+    actual, _ = run_model(rotated, feeds, opts.providers)
+    rotated_outputs = {o for w in vp.visual.writers for o in w.outputs}
+    worst = 0.0
+    for name, value in expected.items():
+        reference = vp.rotation.apply(value, -1) if name in rotated_outputs else value
+        worst = max(worst, _rel_l2(reference, actual[name]))
+    return {"rel_l2": worst, "outputs_rotated": sorted(rotated_outputs)}
+
+
+def _synthesize_visual(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Random float inputs when every input is float with a static shape; otherwise why not."""
+    initializers = {t.name for t in model.graph.initializer}
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for info in model.graph.input:
+        if info.name in initializers:
+            continue
+        tensor_type = info.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        if tensor_type.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16) or None in dims:
+            return None, f"input '{info.name}' is not a float tensor of static shape: pass visual inputs (.npz)"
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        feeds[info.name] = rng.standard_normal(dims).astype(dtype)
+    return feeds, ""
+
+
+def _rel_l2(expected: np.ndarray, actual: np.ndarray) -> float:
+    a, b = np.asarray(expected, dtype=np.float64), np.asarray(actual, dtype=np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), np.finfo(np.float64).tiny))

@@ -1,0 +1,286 @@
+"""R2, R3, R4 on the committed TorchScript and dynamo exports: exact, really applied, refused when unsafe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import FIXTURES, manifest
+from onnx import TensorProto, helper, numpy_helper
+
+from spinquant_onnx.api import analyze, apply_spinquant
+from spinquant_onnx.errors import UnsupportedGraphError, UnsupportedSizeError
+from spinquant_onnx.graph_index import GraphIndex
+from spinquant_onnx.graph_io import TensorStore
+from spinquant_onnx.match.heads import attention_sites
+from spinquant_onnx.rewrite.fast_hadamard_nodes import METHODS, hadamard_nodes, insert_online_hadamard
+from spinquant_onnx.rotations import make_rotation
+from spinquant_onnx.validate import compare_models, synthesize_inputs
+
+ENTRIES = manifest()
+EXACT = 1e-5
+COMBOS = {"r1": {}, "r2": {"r2": True}, "r3": {"r3": True}, "r4": {"r4": True}, "all": dict(r2=True, r3=True, r4=True)}
+# Every single rotation on one export of each family shape; everything at once on every fixture.
+SINGLES = [
+    "llama_ts.onnx",
+    "llama_dynamo.onnx",
+    "phi3_ts.onnx",
+    "qwen3_dynamo.onnx",
+    "smollm_ts.onnx",
+    "llama_h320_dynamo.onnx",
+]
+CASES = [(e["file"], "all") for e in ENTRIES] + [(f, c) for f in SINGLES for c in ("r1", "r2", "r3", "r4")]
+
+
+def _rotated(name: str, **options) -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
+    original = onnx.load(str(FIXTURES / name))
+    model = onnx.load(str(FIXTURES / name))
+    report = apply_spinquant(model, **options)
+    return original, model, report.to_dict()
+
+
+@pytest.mark.parametrize(("name", "combo"), CASES, ids=[f"{n}-{c}" for n, c in CASES])
+def test_combination_is_exact(name: str, combo: str) -> None:
+    original, rotated, report = _rotated(name, **COMBOS[combo])
+    onnx.checker.check_model(rotated)
+    result = compare_models(original, rotated, providers=["cpu"], threshold=EXACT)
+    assert result.rel_l2 < EXACT, result.to_dict()
+    assert result.argmax_agreement == 1.0
+    entry = next(e for e in ENTRIES if e["file"] == name)
+    if "r2" in COMBOS[combo]:
+        assert [r["head_dim"] for r in report["rotation"]["r2"]] == [entry["head_dim"]] * entry["layers"]
+    if "r3" in COMBOS[combo]:
+        assert len(report["rotation"]["r3"]) == entry["layers"]
+    if "r4" in COMBOS[combo]:
+        assert [r["order"] for r in report["rotation"]["r4"]] == [entry["intermediate"]] * entry["layers"]
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e["file"] for e in ENTRIES])
+def test_head_geometry_matches_the_config(entry: dict) -> None:
+    analysis = analyze(onnx.load(str(FIXTURES / entry["file"]), load_external_data=False), FIXTURES)
+    sites = attention_sites(analysis.index, analysis.roles)
+    assert len(sites) == entry["layers"]
+    for site in sites:
+        geometry = site.geometry
+        assert (geometry.num_heads, geometry.num_kv_heads, geometry.head_dim) == (
+            entry["num_heads"],
+            entry["num_kv_heads"],
+            entry["head_dim"],
+        ), geometry.evidence
+        assert site.v is not None and site.v.width == entry["num_kv_heads"] * entry["head_dim"]
+
+
+def _outputs(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+    """Run with extra graph outputs exposed (intermediate tensors by name)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = synthesize_inputs(model, seq=6, vocab_size=64)
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def test_r2_rotates_each_value_head() -> None:
+    """The v_proj output of the R2 model is the R1-only model's, times R2 in each head_dim block."""
+    name = "qwen2_ts.onnx"  # q/k/v with bias: the bias turns too
+    _, plain, _ = _rotated(name)
+    _, rotated, report = _rotated(name, r2=True)
+    v_output = next(n.output[0] for n in plain.graph.node if "v_proj" in n.name and n.op_type == "Add")
+    before, after = _outputs(plain, [v_output])[v_output], _outputs(rotated, [v_output])[v_output]
+    r2 = make_rotation("hadamard", 16)
+    expected = r2.apply(before.reshape(*before.shape[:-1], 2, 16), -1).reshape(before.shape)
+    np.testing.assert_allclose(after, expected, atol=1e-5)
+    assert not np.allclose(after, before, atol=1e-3)
+    assert report["rotation"]["r2"][0]["num_kv_heads"] == 2
+
+
+def test_r2_on_fused_qkv_turns_only_the_v_columns() -> None:
+    _, plain, _ = _rotated("phi3_dynamo.onnx")
+    _, rotated, report = _rotated("phi3_dynamo.onnx", r2=True)
+    assert report["rotation"]["r2"][0]["v_columns"] == [96, 128]
+    qkv = next(n for n in plain.graph.node if n.op_type == "MatMul").output[0]
+    before, after = _outputs(plain, [qkv])[qkv], _outputs(rotated, [qkv])[qkv]
+    np.testing.assert_allclose(after[..., :96], before[..., :96], atol=1e-5)
+    assert not np.allclose(after[..., 96:], before[..., 96:], atol=1e-3)
+
+
+def test_r3_and_r4_insert_online_nodes_that_rotate() -> None:
+    _, rotated, report = _rotated("llama_dynamo.onnx", r3=True, r4=True)
+    online = report["online_rotations"]
+    assert len(online) == 3 * 2  # queries, keys, down_proj input per layer
+    assert {o["order"] for o in online} == {16, 96}
+    down = next(o for o in online if o["order"] == 96)
+    values = _outputs(rotated, [down["input"], down["output"]])
+    x, y = values[down["input"]], values[down["output"]]
+    np.testing.assert_allclose(y, make_rotation("hadamard", 96).apply(x, -1), atol=1e-5)
+
+
+def _with_node_on_value_path(name: str) -> onnx.ModelProto:
+    """The fixture with a Relu between v_proj and its head split: R2 cannot pass it."""
+    model = onnx.load(str(FIXTURES / name))
+    analysis = analyze(model)
+    v = attention_sites(analysis.index, analysis.roles)[0].v
+    reshape = next(u.node for u in analysis.index.users(v.tensor) if u.node.op_type == "Reshape")
+    relu = helper.make_node("Relu", [v.tensor], [v.tensor + ".relu"], name="inserted_relu")
+    reshape.input[0] = relu.output[0]
+    position = list(model.graph.node).index(reshape)
+    model.graph.node.insert(position, relu)
+    return model
+
+
+def test_r2_refuses_a_value_path_it_cannot_pass() -> None:
+    model = _with_node_on_value_path("llama_dynamo.onnx")
+    before = model.SerializeToString()
+    with pytest.raises(UnsupportedGraphError, match="inserted_relu"):
+        apply_spinquant(model, r2=True, r3=True, r4=True)
+    assert model.SerializeToString() == before, "a refused rotation must leave the model untouched"
+
+
+def _with_intermediate(name: str, width: int) -> onnx.ModelProto:
+    """The fixture with its MLPs cut to ``width`` channels (gate/up columns, down rows): still a valid model."""
+    model = onnx.load(str(FIXTURES / name))
+    analysis = analyze(model)
+    del model.graph.value_info[:]
+    for block in analysis.roles.blocks:
+        for part in block.parts:
+            if part.kind != "mlp":
+                continue
+            linears = [(e.linear, e.linear.out_axis) for e in part.readers] + [(part.writer.linear, None)]
+            for linear, out_axis in linears:
+                tensor = analysis.store.tensors[linear.weight]
+                axis = linear.in_axis if out_axis is None else out_axis
+                values = np.take(numpy_helper.to_array(tensor), np.arange(width), axis=axis)
+                tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values), tensor.name))
+    return model
+
+
+def test_r4_refuses_an_intermediate_without_hadamard() -> None:
+    model = _with_intermediate("llama_dynamo.onnx", 90)
+    with pytest.raises(UnsupportedSizeError, match="order 90"):
+        apply_spinquant(model, r4=True)
+
+
+def test_r4_on_a_paley_intermediate_is_exact() -> None:
+    original = _with_intermediate("llama_ts.onnx", 44)  # 44 = 43 + 1: Paley I
+    rotated = onnx.ModelProto()
+    rotated.CopyFrom(original)
+    report = apply_spinquant(rotated, r4=True).to_dict()
+    assert report["rotation"]["r4"][0]["order"] == 44
+    result = compare_models(original, rotated, providers=["cpu"], threshold=EXACT)
+    assert result.rel_l2 < EXACT and result.argmax_agreement == 1.0
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n", [2, 12, 16, 20, 96, 128, 576])
+@pytest.mark.parametrize("elem_type", [TensorProto.FLOAT, TensorProto.FLOAT16])
+def test_online_hadamard_forms_match_the_rotation(method: str, n: int, elem_type: int) -> None:
+    built = hadamard_nodes("x", n, elem_type, prefix="h", opset=17, method=method, out="y")
+    graph = helper.make_graph(
+        built.nodes,
+        "h",
+        [helper.make_tensor_value_info("x", elem_type, [None, None, n])],
+        [helper.make_tensor_value_info("y", elem_type, [None, None, n])],
+        built.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    x = np.random.default_rng(n).standard_normal((2, 3, n)).astype(dtype)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = session.run(None, {"x": x})[0]
+    assert y.dtype == dtype and y.shape == x.shape
+    tolerance = 1e-5 if elem_type == TensorProto.FLOAT else 1e-2 * np.sqrt(np.log2(n) + 1)
+    np.testing.assert_allclose(y, make_rotation("hadamard", n).apply(x, -1), atol=tolerance)
+
+
+def test_online_hadamard_on_a_graph_output_renames_its_producer() -> None:
+    """Rotating a tensor that is also a graph output: readers and the output both see the rotated value."""
+    nodes = [helper.make_node("Relu", ["x"], ["k"]), helper.make_node("Neg", ["k"], ["z"])]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3, 8]) for n in ("k", "z")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    index = GraphIndex(model, TensorStore(model))
+    inserted = insert_online_hadamard(index, "k", 8, elem_type=TensorProto.FLOAT, reason="test", method="butterfly")
+    assert inserted.output == "k"
+    onnx.checker.check_model(model)
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    k, z = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    expected = make_rotation("hadamard", 8).apply(np.maximum(x, 0), -1)
+    np.testing.assert_allclose(k, expected, atol=1e-5)
+    np.testing.assert_allclose(z, -expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ KV-cache exports
+
+KV_MODELS = sorted(p for p in (FIXTURES / "exporters").rglob("*.onnx")) if (FIXTURES / "exporters").is_dir() else []
+
+
+def _has_past(path: Path) -> bool:
+    graph = onnx.load(str(path), load_external_data=False)
+    return any("past" in i.name for i in graph.graph.input)
+
+
+def decode_compare(
+    original: onnx.ModelProto | str, rotated: onnx.ModelProto | str, steps: int = 3
+) -> tuple[float, bool]:
+    """Prefill then ``steps`` single-token steps, each model fed its own cache; worst logits rel L2, argmax equal.
+
+    R2 and R3 change what the cache holds (values times R2, keys times H), so the two models' caches differ
+    and each must be fed back its own; the logits must not differ.
+    """
+    sessions = [
+        ort.InferenceSession(m if isinstance(m, str) else m.SerializeToString(), providers=["CPUExecutionProvider"])
+        for m in (original, rotated)
+    ]
+    graph = onnx.load(original, load_external_data=False) if isinstance(original, str) else original
+    first = synthesize_inputs(graph, batch=2, seq=5, past=0, vocab_size=64)
+    feeds, total, worst, agree = [dict(first), dict(first)], 5, 0.0, True
+    rng = np.random.default_rng(0)
+    for _ in range(steps + 1):
+        results = []
+        for session, feed in zip(sessions, feeds, strict=True):
+            names = [o.name for o in session.get_outputs()]
+            results.append(dict(zip(names, session.run(names, feed), strict=True)))
+        a, b = (r["logits"].astype(np.float64) for r in results)
+        worst = max(worst, float(np.linalg.norm(a - b) / np.linalg.norm(a)))
+        agree &= bool(np.all(a.argmax(-1) == b.argmax(-1)))
+        step = {
+            "input_ids": rng.integers(0, 64, size=(2, 1)).astype(np.int64),
+            "attention_mask": np.ones((2, total + 1), np.int64),
+            "position_ids": np.full((2, 1), total, np.int64),
+        }
+        wanted = {i.name for i in sessions[0].get_inputs()}
+        feeds = [
+            {k: v for k, v in step.items() if k in wanted}
+            | {k.replace("present", "past_key_values"): v for k, v in r.items() if k.startswith("present")}
+            for r in results
+        ]
+        total += 1
+    return worst, agree
+
+
+@pytest.mark.skipif(not KV_MODELS, reason="no KV-cache exports under fixtures/exporters yet")
+@pytest.mark.parametrize("path", KV_MODELS, ids=[str(p.relative_to(FIXTURES)) for p in KV_MODELS])
+def test_kv_cache_exports_decode_identically(path: Path) -> None:
+    if not _has_past(path):
+        pytest.skip("no past_key_values inputs")
+    graph = onnx.load(str(path), load_external_data=False)
+    if any(n.op_type == "GroupQueryAttention" for n in graph.graph.node):
+        pytest.skip(
+            "GroupQueryAttention exports: roles.py takes their MLPs for attention, and synthesize_inputs cannot "
+            "size the symbolic kv_cache_dim"
+        )
+    original = onnx.load(str(path))
+    rotated = onnx.load(str(path))
+    report = apply_spinquant(rotated, r2=True, r3=True, r4=True).to_dict()
+    assert all(entry["cache_outputs_rotated"] for entry in report["rotation"]["r2"] + report["rotation"]["r3"])
+    worst, agree = decode_compare(original, rotated)
+    assert worst < EXACT and agree
