@@ -29,6 +29,7 @@ PROTOBUF_LIMIT = 2**31 - 1
 # Leave headroom for the graph itself when deciding whether weights fit inside one protobuf.
 EMBED_LIMIT = 1_800_000_000
 ALIGN = 64
+INLINE_BYTES = 1024
 # More elements than any real tensor: guards the size arithmetic against hostile dims.
 MAX_ELEMENTS = 1 << 48
 # Element types stored several to a byte (raw data is packed; numpy_helper packs and unpacks them).
@@ -113,6 +114,7 @@ def check_model_structure(model: onnx.ModelProto, path: Path) -> None:
         raise InputError(f"{path}: not an ONNX model (no graph nodes; truncated or not an .onnx file?)")
     if not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
         raise InputError(f"{path}: the model imports no ONNX opset (truncated or corrupt file?)")
+    _check_text(model, path)
     graph = model.graph
     names = [t.name for t in graph.initializer]
     if len(set(names)) != len(names):
@@ -140,6 +142,20 @@ def check_model_structure(model: onnx.ModelProto, path: Path) -> None:
     for output in graph.output:
         if output.name not in known:
             raise InputError(f"{path}: graph output '{output.name}' is produced by no node (truncated graph?)")
+
+
+def _check_text(model: onnx.ModelProto, path: Path) -> None:
+    """Names must be valid UTF-8: protobuf hands back bytes for corrupt ones, which nothing downstream expects."""
+    graph = model.graph
+    texts: list[object] = [o.domain for o in model.opset_import]
+    for node in graph.node:
+        texts += [node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute)]
+    for tensor in graph.initializer:
+        texts += [tensor.name, *(e.key for e in tensor.external_data), *(e.value for e in tensor.external_data)]
+    texts += [v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)]
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise InputError(f"{path}: the graph holds a name that is not valid UTF-8 ({bad[:40]!r}); the file is corrupt")
 
 
 def _check_arity(node: onnx.NodeProto, opset: int, path: Path) -> None:
@@ -175,7 +191,10 @@ def check_initializers(model: onnx.ModelProto, base_dir: Path | None) -> None:
             raise InputError(f"initializer '{tensor.name}': invalid shape {dims}")
         if tensor.data_type == TensorProto.UNDEFINED:
             raise InputError(f"initializer '{tensor.name}': element type is undefined (corrupt file?)")
-        np_dtype(tensor.data_type)
+        try:
+            np_dtype(tensor.data_type)
+        except InputError as exc:
+            raise InputError(f"initializer '{tensor.name}': {exc} (corrupt file?)") from exc
         if tensor.data_location == TensorProto.EXTERNAL:
             external_span(tensor, base_dir)
         elif tensor.HasField("raw_data") and tensor.data_type != TensorProto.STRING:
@@ -386,6 +405,9 @@ def staging_dir(out_path: str | os.PathLike) -> Path:
     out_path = Path(out_path)
     if out_path.is_dir():
         raise SpinQuantError(f"{out_path}: output is an existing folder; give a file name such as model.onnx")
+    blocking = next((p for p in out_path.parents if p.exists() or p.is_symlink()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise SpinQuantError(f"{blocking}: is a file, not a folder; cannot write the output under it")
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_staging(out_path)
@@ -463,8 +485,10 @@ def _save_model(
             offset = 0
             for tensor in header.graph.initializer:
                 values = tensor_values(tensor.name)
-                if tensor.data_type == TensorProto.STRING:
-                    set_tensor_data(tensor, values)  # strings have no raw layout: they stay inline
+                if tensor.data_type == TensorProto.STRING or np.asarray(values).nbytes < INLINE_BYTES:
+                    # Strings have no raw layout, and small tensors (shapes, axes, scalars) stay inline as
+                    # onnx.save does: onnxruntime's shape inference cannot read a Reshape shape from a file.
+                    set_tensor_data(tensor, values)
                     continue
                 raw = _raw_bytes(values, tensor.data_type)
                 pad = (-offset) % ALIGN

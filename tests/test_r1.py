@@ -142,7 +142,8 @@ def test_external_data_round_trip_keeps_ir_and_opsets(tmp_path: Path) -> None:
     convert(folder / "m.onnx", out)
     assert (out.parent / "r.onnx.data").is_file()
     written = onnx.load(str(out), load_external_data=False)
-    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in written.graph.initializer)
+    large = [t for t in written.graph.initializer if np.prod(t.dims) * 4 >= 1024]
+    assert large and all(t.data_location == onnx.TensorProto.EXTERNAL for t in large)
     assert written.ir_version == model.ir_version
     assert [(o.domain, o.version) for o in written.opset_import] == [(o.domain, o.version) for o in model.opset_import]
     assert compare_models(folder / "m.onnx", out, providers=["cpu"], threshold=EXACT).passed
