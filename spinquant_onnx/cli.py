@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -129,9 +131,24 @@ def _say(kind: str, message: object) -> None:
     print(f"spinquant-onnx: {kind}: {' '.join(str(message).split())}", file=sys.stderr)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the staging folder is removed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, with every failure turned into one line on stderr and an exit code."""
     try:
         return args.func(args)
     except SpinQuantError as exc:
@@ -140,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         _say("error", exc)
         return exc.exit_code
     except KeyboardInterrupt:
-        _say("interrupted", "no output written")
+        _say("interrupted", "stopped before finishing; no partial output is left")
         return 130
     except MemoryError:
         if args.debug:

@@ -36,7 +36,13 @@ MAX_ELEMENTS = 1 << 48
 SUB_BYTE_BITS = {
     getattr(TensorProto, name): bits
     for name, bits in (
-        ("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2), ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6)
+        ("INT4", 4),
+        ("UINT4", 4),
+        ("FLOAT4E2M1", 4),
+        ("INT2", 2),
+        ("UINT2", 2),
+        ("FLOAT6E2M3", 6),
+        ("FLOAT6E3M2", 6),
     )
     if hasattr(TensorProto, name)
 }
@@ -283,9 +289,7 @@ def external_span(tensor: TensorProto, base_dir: Path | None) -> tuple[Path, int
 
 def external_files(model: onnx.ModelProto, base_dir: Path) -> set[Path]:
     """The resolved data files a model's initializers live in."""
-    return {
-        resolve_location(t, base_dir) for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL
-    }
+    return {resolve_location(t, base_dir) for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
 
 
 class TensorStore:
@@ -523,9 +527,7 @@ def _save_model(
     return written
 
 
-def commit_output(
-    staged: list[Path], out_path: str | os.PathLike, protect: Iterable[str | os.PathLike] = ()
-) -> None:
+def commit_output(staged: list[Path], out_path: str | os.PathLike, protect: Iterable[str | os.PathLike] = ()) -> None:
     """Move staged files into place; the model file's rename is the one moment the output changes.
 
     Data files carry names no existing file has (``output_data_name``), so they are moved in first without

@@ -16,7 +16,6 @@ import numpy as np
 import onnx
 import pytest
 
-from spinquant_onnx.errors import InputError
 from spinquant_onnx.validate import run_model, synthesize_inputs
 
 ROOT = Path(__file__).resolve().parent.parent / "fixtures" / "exporters"
@@ -57,9 +56,8 @@ REQUIRED_OPS = {
 PREFILL = [(1, 8, 0)]
 WITH_PAST = [(1, 8, 0), (1, 3, 5), (2, 1, 5)]
 
-# synthesize_inputs resolves the genai builder's symbolic head dim "kv_cache_dim" like an unknown
-# sequence dim, so the past_key_values it makes have the wrong last dim and GroupQueryAttention refuses.
-KV_CACHE_DIM_BUG = "synthesize_inputs gives the symbolic head dim 'kv_cache_dim' the sequence length"
+# The genai builder names the head dim symbolically; synthesize_inputs needs it spelled out.
+HEAD_DIM_PARAM = "kv_cache_dim"
 
 
 def _id(entry: dict) -> str:
@@ -76,11 +74,6 @@ def _graph(entry: dict) -> onnx.ModelProto:
 
 def _op_types(model: onnx.ModelProto) -> set[str]:
     return {f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in model.graph.node}
-
-
-def _has_symbolic_head_dim(model: onnx.ModelProto) -> bool:
-    pasts = [i for i in model.graph.input if i.name.startswith("past_key_values.")]
-    return any(i.type.tensor_type.shape.dim[-1].dim_param == "kv_cache_dim" for i in pasts)
 
 
 def test_manifest_well_formed():
@@ -126,12 +119,11 @@ def test_graph_matches_manifest(entry):
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=_id)
-def test_runs_with_finite_outputs(entry, request):
+def test_runs_with_finite_outputs(entry):
     model = _graph(entry)
-    if _has_symbolic_head_dim(model):
-        request.applymarker(pytest.mark.xfail(reason=KV_CACHE_DIM_BUG, raises=InputError, strict=True))
+    dims = {HEAD_DIM_PARAM: entry["head_dim"]}
     for batch, seq, past in WITH_PAST if entry["kv_cache"] else PREFILL:
-        feeds = synthesize_inputs(model, batch=batch, seq=seq, past=past, seed=3, vocab_size=entry["vocab"])
+        feeds = synthesize_inputs(model, batch=batch, seq=seq, past=past, seed=3, vocab_size=entry["vocab"], dims=dims)
         outputs, provider = run_model(ROOT / entry["file"], feeds, providers=["cpu"])
         assert provider == "CPUExecutionProvider"
         case = f"batch={batch} seq={seq} past={past}"
@@ -141,21 +133,3 @@ def test_runs_with_finite_outputs(entry, request):
             if name.startswith("present."):
                 assert value.shape == (batch, entry["num_kv_heads"], past + seq, entry["head_dim"]), (name, case)
         assert float(outputs["logits"].std(axis=-1).mean()) > 0.5, f"near-uniform logits ({case})"
-
-
-SYMBOLIC_HEAD_DIM = [e for e in ENTRIES if _has_symbolic_head_dim(_graph(e))]
-
-
-@pytest.mark.parametrize("entry", SYMBOLIC_HEAD_DIM, ids=_id)
-def test_runs_with_correct_head_dim(entry):
-    """The genai fixtures themselves are fine: given the real head dim they run (the xfail above is ours)."""
-    model = _graph(entry)
-    rng = np.random.default_rng(0)
-    for batch, seq, past in WITH_PAST:
-        feeds = synthesize_inputs(model, batch=batch, seq=seq, past=past, seed=3, vocab_size=entry["vocab"])
-        for name in [n for n in feeds if n.startswith("past_key_values.")]:
-            shape = (batch, entry["num_kv_heads"], past, entry["head_dim"])
-            feeds[name] = rng.standard_normal(shape).astype(np.float32)
-        outputs, _ = run_model(ROOT / entry["file"], feeds, providers=["cpu"])
-        assert outputs["logits"].shape == (batch, seq, entry["vocab"])
-        assert all(np.all(np.isfinite(v)) for v in outputs.values())

@@ -23,7 +23,7 @@ from onnx import TensorProto, numpy_helper
 
 from spinquant_onnx.api import convert
 from spinquant_onnx.errors import SpinQuantError
-from spinquant_onnx.validate import compare_models
+from spinquant_onnx.validate import compare_models, infer_vocab_size, run_model, synthesize_inputs
 
 NAMES = ["llama_ts.onnx", "llama_tied_dynamo.onnx", "qwen2_dynamo.onnx", "phi3_ts.onnx", "mistral_ts.onnx"]
 SOURCES = {name: (FIXTURES / name).read_bytes() for name in NAMES}
@@ -131,6 +131,18 @@ def mutated_models(draw: st.DrawFn) -> tuple[bytes, list[str]]:
     return bytes(data), steps
 
 
+def _finite_on(path: Path, seed: int) -> bool:
+    """Whether the original's outputs are finite on the validator's inputs for ``seed``.
+
+    A poisoned weight near the float32 limit can make the original overflow on some inputs, where the
+    rotated model (which spreads that value over a row) stays finite: no rotation can match an inf.
+    """
+    graph = onnx.load(str(path))
+    feeds = synthesize_inputs(graph, batch=1, seq=8, past=0, seed=seed, vocab_size=infer_vocab_size(graph))
+    outputs, _ = run_model(path, feeds, ["cpu"])
+    return all(np.isfinite(v).all() for v in outputs.values() if np.issubdtype(v.dtype, np.floating))
+
+
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -151,7 +163,9 @@ def test_mutated_model_is_exact_or_refused(case: tuple[bytes, list[str]]) -> Non
         else:
             assert report.validation is not None and report.validation["passed"], steps
             again = compare_models(source, out, providers=["cpu"], seed=7)
-            assert again.passed, f"output differs from the input on other inputs (rel L2 {again.rel_l2}): {steps}"
+            assert again.passed or not _finite_on(source, seed=7), (
+                f"output differs from the input on other inputs (rel L2 {again.rel_l2}): {steps}"
+            )
         assert hashlib.sha256(source.read_bytes()).digest() == hashlib.sha256(data).digest(), steps
         left = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
         assert left in ([], ["r.onnx"]), f"leftovers {left}: {steps}"

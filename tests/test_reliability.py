@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -346,6 +347,16 @@ def _fp16_overflow() -> onnx.ModelProto:
     return model
 
 
+def _fails_at_run() -> onnx.ModelProto:
+    """Token ids shifted past the vocabulary: onnxruntime fails inside Gather, only when it runs."""
+    model = decoder()
+    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    gather.input[1] = "ids_shifted"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1000, np.int64), "shift"))
+    model.graph.node.insert(0, helper.make_node("Add", ["input_ids", "shift"], ["ids_shifted"]))
+    return model
+
+
 def _same_as_input(tmp: Path) -> tuple[Path, Path, list[str]]:
     path = _in(tmp) / "m.onnx"
     onnx.save(decoder(), str(path))
@@ -434,6 +445,9 @@ CASES = [
     Case("random bytes", _bytes(np.random.default_rng(0).bytes(4096)), "not a valid ONNX model"),
     Case("truncated protobuf (half)", _bytes(_serialized()[: len(_serialized()) // 2]), "truncated or corrupt"),
     Case("truncated protobuf (last 100 bytes cut)", _bytes(_serialized()[:-100]), "truncated"),
+    Case(
+        "names that are not valid UTF-8", _bytes(_serialized().replace(b"lm_head", b"lm_\xe4\xffad")), "not valid UTF-8"
+    ),
     Case("file over 2 GiB (not external data)", _over_2gib, "over protobuf's 2 GiB limit"),
     Case("no opset import", _model(_no_opset), "imports no ONNX opset"),
     Case("graph not topologically sorted", _model(_unsorted), "not topologically sorted"),
@@ -450,7 +464,7 @@ CASES = [
     Case("initializer dims disagree with the graph", _model(_reshaped), "writes 128 features"),
     Case("initializer shape differs from declared shape", _model(_bad_declared_shape), "graph declares"),
     Case("initializer with undefined element type", _model(_type(TensorProto.UNDEFINED)), "undefined"),
-    Case("initializer with unknown element type", _model(_type(999)), "unsupported tensor element type"),
+    Case("initializer with unknown element type", _model(_type(999)), "'lm_head': unsupported tensor element type"),
     Case("initializer with negative dims", _model(_negative_dims), "invalid shape"),
     Case(
         "NaN in a weight",
@@ -471,30 +485,35 @@ CASES = [
     Case("uint8 weights (behind Cast)", _model(lambda: decoder(weight_type=TensorProto.UINT8)), "is uint8"),
     Case("float16 weights overflow after norm fusion", _model(_fp16_overflow), "overflow float16"),
     Case("no decoder block (plain MLP)", _model(mlp), "no decoder found"),
+    Case(
+        "--validate: onnxruntime fails running the original",
+        _model(_fails_at_run, "--validate", "--providers", "cpu"),
+        "onnxruntime failed to run",
+    ),
     Case("OUT == IN without --in-place", _same_as_input, "pass --in-place"),
     Case("OUT is a symlink to IN", _link_to_input, "pass --in-place"),
     Case("OUT is a hard link to IN", _hardlink_to_input, "pass --in-place"),
     Case("OUT is the input's external data file (even with --in-place)", _onto_input_data, "external data file"),
     Case("OUT is an existing folder", _out_is_folder, "existing folder"),
-    Case("OUT's folder is a file", _out_under_file, "cannot write the output there"),
+    Case("OUT's folder is a file", _out_under_file, "is a file, not a folder"),
     Case("OUT on a read-only file system (/sys)", _out_read_only_fs, "cannot write the output there"),
     Case("needs more memory than available (512 GiB tensor)", _huge_tensor, "not enough memory"),
 ]
 
 
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+def run_cli(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     code = main(argv)
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_line_and_leaves_everything_as_it_was(
-    case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    case: Case, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     in_path, out_path, args = case.make(tmp_path)
     before = snapshot(tmp_path)
-    code, _, err = run_cli(["rotate", str(in_path), str(out_path), *args], capsys)
+    code, _, err = run_cli(["rotate", str(in_path), str(out_path), *args], capfd)
     assert code == case.code, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("spinquant-onnx: error: "), err
@@ -516,22 +535,20 @@ def test_subprocess_refusal_has_no_traceback_unless_debug(tmp_path: Path) -> Non
     assert not out_path.exists()
 
 
-def test_inspect_refuses_the_same_way(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_refuses_the_same_way(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     in_path, _, _ = _external(_symlink_out)(tmp_path)
-    code, _, err = run_cli(["inspect", str(in_path)], capsys)
+    code, _, err = run_cli(["inspect", str(in_path)], capfd)
     assert code == 2 and "through a link" in err and len(err.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------ output safety
 
 
-def test_in_place_with_external_data_replaces_model_and_data(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_in_place_with_external_data_replaces_model_and_data(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     path = save_external(decoder(), tmp_path / "m.onnx")
     reference = tmp_path / "ref" / "r.onnx"
-    assert run_cli(["rotate", str(path), str(reference)], capsys)[0] == 0
-    code, _, err = run_cli(["rotate", str(path), str(path), "--in-place"], capsys)
+    assert run_cli(["rotate", str(path), str(reference)], capfd)[0] == 0
+    code, _, err = run_cli(["rotate", str(path), str(path), "--in-place"], capfd)
     assert code == 0, err
     written = onnx.load(str(path))  # loads its external data: the model names a file that exists
     expected = onnx.load(str(reference))
@@ -541,19 +558,23 @@ def test_in_place_with_external_data_replaces_model_and_data(
     assert len(data) == 1 and data[0] != "m.onnx.data", "the old data file is replaced by a fresh name"
 
 
-def test_overwriting_an_output_keeps_one_data_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_overwriting_an_output_keeps_one_data_file(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     path = save_external(decoder(), _in(tmp_path) / "m.onnx")
     out = tmp_path / "out" / "r.onnx"
     for seed in ("1", "2", "3"):
-        code, _, err = run_cli(["rotate", str(path), str(out), "--rotation", "random-hadamard", "--seed", seed], capsys)
+        code, _, err = run_cli(["rotate", str(path), str(out), "--rotation", "random-hadamard", "--seed", seed], capfd)
         assert code == 0, err
-        onnx.load(str(out))
-        assert sorted(p.name for p in out.parent.iterdir() if p.name.endswith(".data")) == [
-            t.external_data[0].value for t in onnx.load(str(out), load_external_data=False).graph.initializer[:1]
-        ]
+        onnx.load(str(out))  # complete: every external tensor's bytes are there
+        assert sorted(p.name for p in out.parent.iterdir()) == ["r.onnx", *_locations(out)]
 
 
-def test_stale_staging_of_dead_runs_is_removed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _locations(path: Path) -> list[str]:
+    """The external-data files a model names."""
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+
+
+def test_stale_staging_of_dead_runs_is_removed(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.onnx"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".r.onnx.{dead.stdout.strip()}-0a1b2c3d.partial"
@@ -564,7 +585,7 @@ def test_stale_staging_of_dead_runs_is_removed(tmp_path: Path, capsys: pytest.Ca
         (folder / "r.onnx").write_bytes(b"half")
     path = tmp_path / "m.onnx"
     onnx.save(decoder(), str(path))
-    assert run_cli(["rotate", str(path), str(out)], capsys)[0] == 0
+    assert run_cli(["rotate", str(path), str(out)], capfd)[0] == 0
     assert not stale.exists(), "a killed run's staging folder is cleaned by the next run"
     assert live.exists() and other.exists(), "staging of a live process or another output is left alone"
 
@@ -580,7 +601,10 @@ def _digest(path: Path) -> str:
 
 
 def test_killed_rotate_leaves_previous_output_or_none(tmp_path: Path) -> None:
-    """SIGKILL at random moments of a ~135 MB run: OUT stays the previous complete version (or the new one)."""
+    """SIGKILL at random moments of a ~135 MB run: OUT stays the previous complete version (or the new one).
+
+    A final SIGTERM mid-write unwinds cleanly: exit 130, one line, no staging folder left.
+    """
     path = save_external(decoder(hidden=1024, ffn=4096, layers=4, vocab=256), _in(tmp_path) / "m.onnx")
     before = snapshot(tmp_path / "in")
     out = tmp_path / "out" / "r.onnx"
@@ -600,30 +624,51 @@ def test_killed_rotate_leaves_previous_output_or_none(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     previous = _digest(out)
     rng = random.Random()
-    delays = sorted(rng.uniform(0.3, 1.1) * duration for _ in range(3))
+    plan = [(signal.SIGKILL, None), *((signal.SIGKILL, rng.uniform(0.3, 1.1) * duration) for _ in range(3))]
     states = []
-    for delay in [None, *delays]:
-        proc = subprocess.Popen([*command, "--seed", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if delay is None:  # one kill as soon as writing has begun
-            while proc.poll() is None and not any(p.name.endswith(".partial") for p in out.parent.iterdir()):
+    for sig, delay in [*plan, (signal.SIGTERM, None)]:
+        proc = subprocess.Popen([*command, "--seed", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if delay is None:  # as soon as this run's staging folder exists, plus a little
+            mine = f".r.onnx.{proc.pid}-"
+            while proc.poll() is None and not any(p.name.startswith(mine) for p in out.parent.iterdir()):
                 time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.3 * duration))
-        else:
-            time.sleep(delay)
-        proc.kill()
-        proc.wait()
-        states.append((delay, _digest(out) if out.exists() else None))
+            delay = rng.uniform(0.0, 0.3 * duration)
+        time.sleep(delay)
+        proc.send_signal(sig)
+        _, err = proc.communicate()
+        states.append((sig.name, delay, _digest(out) if out.exists() else None))
         assert snapshot(tmp_path / "in") == before, "the input changed"
+    assert proc.returncode in (0, 130), err
+    if proc.returncode == 130:  # SIGTERM unwinds: one line, and this run's (and dead runs') staging is gone
+        assert len(err.strip().splitlines()) == 1 and "interrupted" in err, err
+        assert not [p.name for p in out.parent.iterdir() if p.name.endswith(".partial")]
     final = subprocess.run([*command, "--seed", "2"], capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
     new = _digest(out)
-    for delay, state in states:
-        assert state in (previous, new), f"killed after {delay}s: output is neither the old nor the new model"
+    for sig, delay, state in states:
+        assert state in (previous, new), f"{sig} after {delay:.2f}s: output is neither the old nor the new model"
     names = sorted(p.name for p in out.parent.iterdir())
-    referenced = {
-        e.value
-        for t in onnx.load(str(out), load_external_data=False).graph.initializer
-        for e in t.external_data
-        if e.key == "location"
-    }
-    assert names == sorted({"r.onnx", *referenced}), f"leftovers after a clean run: {names}"
+    assert names == ["r.onnx", *_locations(out)], f"leftovers after a clean run: {names}"
+
+
+def test_disk_full_is_one_line_and_keeps_the_previous_output(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """ENOSPC half-way through writing (a 300 KiB tmpfs; needs permission to mount, else skipped)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        small = _in(tmp_path) / "small.onnx"
+        onnx.save(decoder(), str(small))
+        out = disk / "r.onnx"
+        assert run_cli(["rotate", str(small), str(out)], capfd)[0] == 0
+        previous = out.read_bytes()
+        big = save_external(decoder(layers=6), _in(tmp_path) / "m.onnx")
+        before = snapshot(tmp_path / "in")
+        code, _, err = run_cli(["rotate", str(big), str(out)], capfd)
+        assert code == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1, err
+        assert out.read_bytes() == previous and leftovers(disk) == ["r.onnx"]
+        assert snapshot(tmp_path / "in") == before
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
