@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from spinquant_onnx.graph_index import SHAPE_ONLY_OPS, GraphIndex
-from spinquant_onnx.match.linears import Linear
+from spinquant_onnx.match.linears import Linear, linear_writing
 from spinquant_onnx.match.norms import NormMatch
 from spinquant_onnx.match.residual import Stream
 
@@ -163,6 +163,11 @@ def assign_roles(index: GraphIndex, stream: Stream, given: dict[str, str] | None
         elif current is not None and not current.closed:
             if event.online is not None:
                 current.online_write, current.post_norm = event.online, event.online_norm
+                # The linear feeding a sandwich norm is still this sub-block's o/down (R2 and R4 need it);
+                # R1 leaves it alone, since its output is normalized before it reaches the stream.
+                inner = linear_writing(index, event.online_norm.inputs[0])
+                if inner is not None:
+                    current.writer = RoleEntry("writer", inner)
             else:
                 current.writer = RoleEntry("writer", event.writer)
     final = parts.pop() if parts and not parts[-1].closed else None

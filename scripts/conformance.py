@@ -1,0 +1,119 @@
+"""Conformance table: every shipped export, family x exporter, exact or refused with the reason.
+
+    python scripts/conformance.py            # measure, write fixtures/conformance.json and README's table
+
+Each cell rotates the fixture with R1 alone and with R2+R3+R4, validating in ONNX Runtime (relative L2
+of the logits below 1e-5, argmax identical, KV-cache exports over decode steps). tests/test_conformance.py
+re-measures every cell and compares it with fixtures/conformance.json, and checks README shows that table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+RESULTS = FIXTURES / "conformance.json"
+README = ROOT / "README.md"
+START, END = "<!-- conformance:start -->", "<!-- conformance:end -->"
+EXACT = 1e-5
+SHORT_REASONS = {
+    "already quantized": "refused: already quantized, rotate the float export",
+    "applies attention": "R3 refused: fused attention op",
+    "no Hadamard matrix": "refused: no Hadamard of this order",
+}
+
+
+def entries() -> list[dict]:
+    """(file, row, column) for every fixture in the manifests; the outlier copies add nothing and are left out."""
+    found = []
+    for folder in (FIXTURES, FIXTURES / "exporters"):
+        for entry in json.loads((folder / "manifest.json").read_text()):
+            name = entry["file"]
+            if "outlier" in name:
+                continue
+            row = entry["family"]
+            if entry.get("hidden", 64) != 64:
+                row += f" h{entry['hidden']}"
+            if entry.get("tied"):
+                row += " tied"
+            found.append({"file": str((folder / name).relative_to(FIXTURES)), "row": row, "column": _column(entry)})
+    return found
+
+
+def _column(entry: dict) -> str:
+    exporter, name = entry["exporter"], entry["file"]
+    if exporter == "optimum-onnx":
+        return "optimum O2" if "o2" in name else ("optimum (no past)" if "nopast" in name else "optimum (past)")
+    if exporter == "onnxruntime-genai":
+        return "genai int4" if "int4" in name else "genai fp32"
+    if "23" in str(entry.get("opset")):
+        return "dynamo 23 (eager)" if "eager" in name else "dynamo 23"
+    return "TorchScript 17" if "torchscript" in exporter else "dynamo 18"
+
+
+def _run(path: Path, **options) -> str:
+    from spinquant_onnx.api import convert
+    from spinquant_onnx.errors import SpinQuantError, ValidationFailedError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            report = convert(path, Path(tmp) / "r.onnx", validate=True, threshold=EXACT, **options)
+        except ValidationFailedError as exc:
+            return f"WRONG ({exc})"
+        except SpinQuantError as exc:
+            message = str(exc)
+            return next((short for key, short in SHORT_REASONS.items() if key in message), f"refused: {message}")
+    validation = report.validation
+    return "exact" if validation["passed"] and validation["rel_l2"] < EXACT else f"WRONG ({validation['rel_l2']:.2g})"
+
+
+def outcome(file: str) -> str:
+    """R1 alone, then R1+R2+R3+R4 (R2+R4 when R3 is refused): the cell's text."""
+    path = FIXTURES / file
+    r1 = _run(path)
+    if r1 != "exact":
+        return r1
+    everything = _run(path, r2=True, r3=True, r4=True)
+    if everything == "exact":
+        return "exact (R1-R4)"
+    if everything.startswith("R3 refused"):
+        rest = _run(path, r2=True, r4=True)
+        return f"exact (R1, R2, R4); {everything}" if rest == "exact" else f"R1 exact; R2+R4: {rest}"
+    return f"R1 exact; R2-R4: {everything}"
+
+
+def render(results: dict[str, str]) -> str:
+    cells = entries()
+    rows = list(dict.fromkeys(c["row"] for c in cells))
+    columns = list(dict.fromkeys(c["column"] for c in cells))
+    grid = {(c["row"], c["column"]): results.get(c["file"], "?") for c in cells}
+    lines = ["| family | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row in rows:
+        lines.append(f"| {row} | " + " | ".join(grid.get((row, col), "–") for col in columns) + " |")
+    return "\n".join(lines)
+
+
+def update_readme(results: dict[str, str]) -> None:
+    text = README.read_text()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    README.write_text(f"{head}{START}\n{render(results)}\n{END}{tail}")
+
+
+def main() -> int:
+    results = {}
+    for cell in entries():
+        results[cell["file"]] = outcome(cell["file"])
+        print(f"{cell['file']:40s} {results[cell['file']]}", flush=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    update_readme(results)
+    return 1 if any(value.startswith("WRONG") for value in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
