@@ -270,9 +270,23 @@ def apply_spinquant(model: Any, visual: Any = None, embedding: Any = None, **opt
             "or use spinquant_onnx.convert(in_path, out_path)"
         )
     started = time.perf_counter()
-    analysis = analyze(proto, roles=opts.roles)
-    plan, report = _plan(analysis, opts)
-    values = {name: plan.materialize(analysis.store, name) for name in plan.targets}
+    graph = proto.graph
+    # Planning edits nodes (untied copies, online rotations): keep the node list to restore on any failure.
+    # Initializer values are only overwritten after every new value has been computed and checked.
+    saved_nodes = [onnx.NodeProto.FromString(node.SerializeToString()) for node in graph.node]
+    initializer_count = len(graph.initializer)
+    try:
+        analysis = analyze(proto, roles=opts.roles)
+        plan, report = _plan(analysis, opts)
+        checks.check_plan(proto, analysis.store, plan)
+        checks.check_small_sources_finite(analysis.store, plan)
+        compute = checks.checked_values(plan, analysis.store)
+        values = {name: compute(name) for name in plan.targets}
+    except BaseException:
+        del graph.node[:]
+        graph.node.extend(saved_nodes)
+        del graph.initializer[initializer_count:]
+        raise
     for name, array in values.items():
         set_tensor_data(analysis.store.tensors[name], array)
     report.timings["total"] = round(time.perf_counter() - started, 4)

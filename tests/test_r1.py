@@ -12,6 +12,7 @@ import pytest
 from conftest import FIXTURES, manifest
 from onnx import helper, numpy_helper
 
+import spinquant_onnx
 from spinquant_onnx.api import analyze, apply_spinquant, convert
 from spinquant_onnx.validate import compare_models
 
@@ -209,3 +210,18 @@ def test_roles_are_read_from_structure(entry: dict) -> None:
         assert roles == [attention, mlp]
     assert [e.role for e in analysis.roles.final.readers] == ["lm_head"]
     assert analysis.stream.embedding is not None
+
+
+def test_apply_spinquant_leaves_model_untouched_on_refusal() -> None:
+    """A refusal late in the pipeline (here: NaN in a weight) must not leave a half-rewritten graph."""
+    model = onnx.load(str(FIXTURES / "phi3_ts.onnx"))
+    analysis = analyze(model)
+    weight = analysis.stream.writers[-1].writer.weight
+    tensor = next(t for t in model.graph.initializer if t.name == weight)
+    values = numpy_helper.to_array(tensor).copy()
+    values[0, 0] = np.nan
+    tensor.CopyFrom(numpy_helper.from_array(values, weight))
+    before = model.SerializeToString()
+    with pytest.raises(spinquant_onnx.SpinQuantError, match=weight):
+        apply_spinquant(model, r4=True)
+    assert model.SerializeToString() == before

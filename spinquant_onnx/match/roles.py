@@ -108,7 +108,7 @@ def attention_role(index: GraphIndex, linear: Linear, stop: frozenset[str]) -> s
                 slots.update("qkv")  # one packed input carries q, k and v
             elif slot in order:
                 slots.add("qkv"[order.index(slot)])
-        elif node.op_type == "MatMul" and not index.is_initializer(node.input[1]):
+        elif node.op_type == "MatMul" and len(node.input) == 2 and not index.is_initializer(node.input[1]):
             if _from_softmax(index, node.input[1 - slot]):
                 slots.add("v")
             elif _feeds_softmax(index, node):
