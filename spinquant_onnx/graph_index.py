@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +131,34 @@ class GraphIndex:
             name = producer.input[0]
             producer = self.producer.get(name)
         return Use(current, current_slot)
+
+    def walk_forward(
+        self,
+        start: str,
+        *,
+        limit: int,
+        stop: frozenset[str] = frozenset(),
+        follow: Callable[[onnx.NodeProto], bool] | None = None,
+    ) -> Iterator[tuple[onnx.NodeProto, int, str]]:
+        """Breadth-first (node, input slot, tensor) edges reachable from ``start``, at most ``limit`` of them.
+
+        Shape-only readers are skipped; a node's outputs are followed unless they are in ``stop`` or
+        ``follow(node)`` says no. Matchers use it to see where a projection's output goes.
+        """
+        frontier, expanded, edges = [start], {start}, 0
+        while frontier and edges < limit:
+            name = frontier.pop(0)
+            for use in self.users(name):
+                if use.node.op_type in SHAPE_ONLY_OPS:
+                    continue
+                edges += 1
+                yield use.node, use.index, name
+                if follow is not None and not follow(use.node):
+                    continue
+                for out in use.node.output:
+                    if out and out not in expanded and out not in stop:
+                        expanded.add(out)
+                        frontier.append(out)
 
     def exits_graph(self, name: str) -> str | None:
         """The graph output this tensor's value reaches through transparent ops, if any."""

@@ -324,16 +324,12 @@ def _first_reshape(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
 
 
 def _forward_ops(index: GraphIndex, tensor: str, limit: int = SEARCH_LIMIT):
-    frontier, seen = [tensor], set()
-    while frontier and len(seen) < limit:
-        name = frontier.pop(0)
-        for use in index.value_users(name):
-            if id(use.node) in seen:
-                continue
-            seen.add(id(use.node))
-            yield use.node, use.index
-            if use.node.op_type not in FUSED_ATTENTION and use.node.op_type != "Softmax":
-                frontier.extend(use.node.output)
+    """Where a projection's output goes, not past the attention core (Softmax or a fused attention op)."""
+    def inside_head(node: onnx.NodeProto) -> bool:
+        return node.op_type not in FUSED_ATTENTION and node.op_type != "Softmax"
+
+    for node, slot, _ in index.walk_forward(tensor, limit=limit, follow=inside_head):
+        yield node, slot
 
 
 class _Evidence:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from spinquant_onnx.graph_index import SHAPE_ONLY_OPS, GraphIndex
+from spinquant_onnx.graph_index import GraphIndex
 from spinquant_onnx.match.linears import Linear, linear_writing
 from spinquant_onnx.match.norms import NormMatch
 from spinquant_onnx.match.residual import Stream
@@ -66,19 +66,7 @@ class Roles:
 
 
 def _forward(index: GraphIndex, start: str, limit: int = SEARCH_LIMIT, stop: frozenset[str] = frozenset()):
-    """Breadth-first (node, input slot, tensor) edges reachable from ``start``, not crossing ``stop`` tensors."""
-    frontier, expanded, edges = [start], {start}, 0
-    while frontier and edges < limit:
-        name = frontier.pop(0)
-        for use in index.users(name):
-            if use.node.op_type in SHAPE_ONLY_OPS:
-                continue
-            edges += 1
-            yield use.node, use.index, name
-            for out in use.node.output:
-                if out and out not in expanded and out not in stop:
-                    expanded.add(out)
-                    frontier.append(out)
+    return index.walk_forward(start, limit=limit, stop=stop)
 
 
 def _feeds_softmax(index: GraphIndex, node: onnx.NodeProto) -> bool:
