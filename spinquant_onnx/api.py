@@ -273,7 +273,8 @@ def apply_spinquant(model: Any, visual: Any = None, embedding: Any = None, **opt
     graph = proto.graph
     # Planning edits nodes (untied copies, online rotations): keep the node list to restore on any failure.
     # Initializer values are only overwritten after every new value has been computed and checked.
-    saved_nodes = [onnx.NodeProto.FromString(node.SerializeToString()) for node in graph.node]
+    originals = list(graph.node)
+    saved_nodes = [onnx.NodeProto.FromString(node.SerializeToString()) for node in originals]
     initializer_count = len(graph.initializer)
     try:
         analysis = analyze(proto, roles=opts.roles)
@@ -283,8 +284,14 @@ def apply_spinquant(model: Any, visual: Any = None, embedding: Any = None, **opt
         compute = checks.checked_values(plan, analysis.store)
         values = {name: compute(name) for name in plan.targets}
     except BaseException:
-        del graph.node[:]
-        graph.node.extend(saved_nodes)
+        # Drop inserted nodes and restore the original ones *in place*: holders such as an AIMET sim keep
+        # references to these node objects.
+        kept = {id(node) for node in originals}
+        for position in reversed(range(len(graph.node))):
+            if id(graph.node[position]) not in kept:
+                del graph.node[position]
+        for node, saved in zip(originals, saved_nodes, strict=True):
+            node.CopyFrom(saved)
         del graph.initializer[initializer_count:]
         raise
     for name, array in values.items():

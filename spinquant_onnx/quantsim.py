@@ -5,10 +5,12 @@ every weight and its MatMul and after most activations; the weights themselves s
 those float initializers in place (the matcher sees through the quantizer nodes) keeps every quantizer
 where it was, so the documented order works: build the sim, apply SpinQuant, then ``compute_encodings``.
 
-Three things are specific to a sim, and are handled here:
+Four things are specific to a sim, and are handled here:
 - encodings computed (or loaded) before the rotation describe the unrotated weights and activations,
   so they are refused unless the caller asks for them to be reset (``reset_encodings=True``);
 - a weight whose quantizer was folded into it (``fold_param_quantizers``) is no longer float: refused;
+- online rotation nodes (R3/R4, sandwich-norm writes, ``inputs_embeds`` entries) would sit between a tensor
+  and its quantizer: refused, with the float-model route to take instead (R1 and R2 are weights only);
 - the ONNX Runtime session was built from a copy of the graph, so it is rebuilt after the rewrite.
 Everything is checked before the first tensor is written; a reset happens only after the rewrite
 succeeded, so a refused or failed call leaves the sim as it was.
@@ -49,20 +51,18 @@ def _quantizers(sim: Any) -> dict[str, Any]:
     return dict(found) if isinstance(found, dict) else {}
 
 
-def _has_encodings(quantizer: Any) -> bool:
-    """Calibrated or loaded; a float16 quantizer (a plain cast, nothing to calibrate) never counts."""
-    if getattr(quantizer, "is_encoding_frozen", lambda: False)():
-        return True
-    get = getattr(quantizer, "get_encodings", None)
-    return get is not None and get() is not None
-
-
 def _frozen(quantizer: Any) -> bool:
     return bool(getattr(quantizer, "is_encoding_frozen", lambda: False)())
 
 
-def _summarize(names: list[str], limit: int = 3) -> str:
-    shown = ", ".join(f"'{n}'" for n in names[:limit])
+def _has_encodings(quantizer: Any) -> bool:
+    """Calibrated or loaded; a float16 quantizer (a plain cast, nothing to calibrate) never counts."""
+    get = getattr(quantizer, "get_encodings", None)
+    return _frozen(quantizer) or (get is not None and get() is not None)
+
+
+def _summarize(names: list[str], limit: int = 3, quote: bool = True) -> str:
+    shown = ", ".join(f"'{n}'" if quote else n for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
@@ -74,14 +74,15 @@ def check_sim(sim: Any, reset: bool) -> list[str]:
             f"the sim's weight quantizers were folded into the weights ({_summarize(folded)}): they are no "
             "longer float; build a new QuantizationSimModel, apply SpinQuant, then compute_encodings"
         )
-    calibrated = sorted(name for name, q in _quantizers(sim).items() if _has_encodings(q))
+    quantizers = _quantizers(sim)
+    calibrated = sorted(name for name, q in quantizers.items() if _has_encodings(q))
     if calibrated and not reset:
         raise SpinQuantError(
             f"{len(calibrated)} quantizer(s) of the sim already have encodings ({_summarize(calibrated)}); "
             "they describe the unrotated model. Apply SpinQuant before compute_encodings, or pass "
             f"{RESET_OPTION}=True to discard them (then call compute_encodings again)"
         )
-    frozen = [name for name in calibrated if _frozen(_quantizers(sim)[name])]
+    frozen = [name for name in calibrated if _frozen(quantizers[name])]
     if frozen:
         raise SpinQuantError(
             f"{len(frozen)} quantizer(s) have frozen encodings ({_summarize(frozen)}) that cannot be reset; "
@@ -110,6 +111,28 @@ def _check_private_weights(model: onnx.ModelProto) -> None:
             )
 
 
+def check_no_online_nodes(model: onnx.ModelProto, options: dict[str, Any]) -> None:
+    """Refuse, before anything changes, a rotation that would insert MatMul nodes into the sim's graph.
+
+    R3/R4, a sandwich norm's write and an ``inputs_embeds`` entry are rotated online; inside a sim the new
+    node would land between a tensor and its quantizer, which AIMET then files under the wrong tensor name
+    (and its R matrix would be unquantized). Rotating the float model first lets AIMET place every quantizer.
+    """
+    from spinquant_onnx.api import analyze  # api imports this module lazily: no cycle at import time
+
+    reasons = [f"{name.upper()} (online by design)" for name in ("r3", "r4") if options.get(name)]
+    stream = analyze(model, roles=options.get("roles")).stream
+    reasons += [f"the write after sandwich norm {e.online_norm.label}" for e in stream.writers if e.online is not None]
+    if options.get("entries", "online") == "online":
+        reasons += [f"the residual-stream graph input '{entry}'" for entry in stream.entries]
+    if reasons:
+        raise SpinQuantError(
+            f"this rotation needs online MatMul nodes ({_summarize(reasons, 2, quote=False)}), which a "
+            "QuantizationSimModel would not quantize correctly; rotate the float model first "
+            "(spinquant_onnx.convert, or apply_spinquant on the ModelProto) and build the sim from the result"
+        )
+
+
 def reset_encodings(sim: Any, names: list[str]) -> None:
     """Forget the encodings and statistics of ``names``; each quantizer goes back to a new sim's mode."""
     params = set(getattr(sim, "param_names", ()) or ())
@@ -120,17 +143,19 @@ def reset_encodings(sim: Any, names: list[str]) -> None:
         quantizer.op_mode = modes.oneShotQuantizeDequantize if name in params else modes.updateStats
 
 
-def wide_range_quantizers(sim: Any, limit: float = 1e4) -> list[str]:
-    """Enabled, calibrated quantizers whose range passes +-``limit``.
+def mask_quantizers(sim: Any, limit: float = 1e30) -> list[str]:
+    """Enabled, calibrated quantizers whose range reaches +-``limit``: the additive attention mask's path.
 
-    In decoder exports these carry the additive attention mask (``finfo.min``) and the masked scores: no
-    8- or 16-bit grid spans both that and the real scores, so a measurement of quantization error
-    disables them (a deployment feeds a clamped mask instead).
+    Decoder exports add ``finfo(float32).min`` (about -3.4e38) to masked attention scores; the mask, and the
+    masked scores, then calibrate to a range no 8- or 16-bit grid can share with the real scores, and left
+    on they dominate any measurement of quantization error (a deployment feeds a clamped mask instead).
+    The limit is far above any real activation, so large but genuine values (massive activations in the
+    residual stream, their squares in RMSNorm) stay quantized.
     """
     found = []
     for name, quantizer in _quantizers(sim).items():
         encodings = quantizer.get_encodings() if quantizer.enabled else None
-        if encodings and any(max(abs(e.min), abs(e.max)) > limit for e in encodings):
+        if encodings and any(max(abs(e.min), abs(e.max)) >= limit for e in encodings):
             found.append(name)
     return found
 
@@ -158,6 +183,7 @@ def apply_to_sim(sim: Any, apply: Callable[..., Any], **options: Any) -> Any:
     reset = bool(options.pop(RESET_OPTION, False))
     model = model_proto_of(sim)
     to_reset = check_sim(sim, reset)
+    check_no_online_nodes(model, options)
     before = quantizer_nodes(model)
     report = apply(model, **options)
     after = quantizer_nodes(model)

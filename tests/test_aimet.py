@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,12 +11,17 @@ import pytest
 from conftest import FIXTURES
 from onnx import numpy_helper
 
-from spinquant_onnx import apply_spinquant
+from spinquant_onnx import apply_spinquant, convert
 from spinquant_onnx.errors import SpinQuantError
-from spinquant_onnx.quantsim import quantizer_nodes, wide_range_quantizers
+from spinquant_onnx.quantsim import mask_quantizers, quantizer_nodes
 from spinquant_onnx.validate import infer_vocab_size, synthesize_inputs
 
-quantsim = pytest.importorskip("aimet_onnx.quantsim", reason="aimet-onnx is not installed")
+if os.environ.get("CI"):  # CI installs aimet-onnx (README): a missing install must fail, not skip
+    import aimet_onnx.quantsim as quantsim
+    from aimet_onnx.utils import duplicate_shared_initializers
+else:
+    quantsim = pytest.importorskip("aimet_onnx.quantsim", reason="aimet-onnx is not installed")
+    duplicate_shared_initializers = pytest.importorskip("aimet_onnx.utils").duplicate_shared_initializers
 
 EXACT = 1e-5
 
@@ -73,6 +79,21 @@ def test_float_sim_is_unchanged_and_quantizers_stay(name: str) -> None:
     assert sim.qc_quantize_op_dict == before_quantizers, "the same quantizer objects, at the same tensors"
 
 
+def test_one_tied_table_duplicated_as_aimet_asks() -> None:
+    model = onnx.load(str(FIXTURES / "smollm_dynamo.onnx"))  # embedding and lm_head read one initializer
+    with pytest.raises(Exception, match="duplicate_shared_initializers"):
+        quantsim.QuantizationSimModel(model)
+    assert duplicate_shared_initializers(model.graph) > 0
+    sim = quantsim.QuantizationSimModel(model)
+    _set_enabled(sim, False)
+    feeds = _batches(sim, 1)[0]
+    before = _run(sim, feeds)
+    apply_spinquant(sim)
+    after = _run(sim, feeds)
+    assert _rel_l2(before, after) < EXACT
+    assert np.array_equal(before.argmax(-1), after.argmax(-1))
+
+
 def test_compute_encodings_after_rotation_runs_quantized() -> None:
     sim = _sim("llama_ts.onnx", param_type="int8", activation_type="int16")
     batches = _batches(sim)
@@ -83,7 +104,7 @@ def test_compute_encodings_after_rotation_runs_quantized() -> None:
     sim.compute_encodings(batches)
     assert all(q.is_initialized() for q in sim.qc_quantize_op_dict.values() if q.enabled)
     assert np.isfinite(_run(sim, batches[0])).all()
-    mask_path = wide_range_quantizers(sim)  # finfo.min of the additive mask: no int16 grid carries it
+    mask_path = mask_quantizers(sim)  # finfo.min of the additive mask: no int16 grid carries it
     assert 0 < len(mask_path) < 10
     for name in mask_path:
         sim.qc_quantize_op_dict[name].enabled = False
@@ -129,3 +150,43 @@ def test_any_object_holding_a_model_proto_works() -> None:
     assert report.weights_rotated > 0
     changed = [t.name for t in model.graph.initializer if not np.array_equal(before[t.name], numpy_helper.to_array(t))]
     assert changed
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "reason"),
+    [
+        ("llama_ts.onnx", {"r3": True}, "R3"),
+        ("llama_ts.onnx", {"r4": True}, "R4"),
+        ("exporters/gemma3_ts.onnx", {}, "sandwich norm"),
+    ],
+)
+def test_online_rotations_are_refused_before_any_change(name: str, options: dict, reason: str) -> None:
+    sim = _sim(name)
+    before = sim.model.model.SerializeToString()
+    with pytest.raises(SpinQuantError, match=f"online MatMul nodes.*{reason}.*rotate the float model first"):
+        apply_spinquant(sim, **options)
+    assert sim.model.model.SerializeToString() == before
+
+
+def test_r2_is_weights_only_and_exact_on_a_sim() -> None:
+    sim = _sim("llama_ts.onnx")
+    _set_enabled(sim, False)
+    feeds = _batches(sim, 1)[0]
+    before = _run(sim, feeds)
+    report = apply_spinquant(sim, r2=True)
+    assert report.online_rotations == []
+    assert _rel_l2(before, _run(sim, feeds)) < EXACT
+
+
+def test_float_first_route_for_online_rotations(tmp_path) -> None:
+    """What the refusal recommends: rotate the float export, then AIMET quantizes the online nodes too."""
+    rotated = tmp_path / "gemma3_r1.onnx"
+    report = convert(FIXTURES / "exporters" / "gemma3_ts.onnx", rotated)
+    assert report.online_rotations
+    reference, sim = _sim("exporters/gemma3_ts.onnx"), quantsim.QuantizationSimModel(onnx.load(str(rotated)))
+    _set_enabled(reference, False)
+    _set_enabled(sim, False)
+    feeds = _batches(sim, 1)[0]
+    assert _rel_l2(_run(reference, feeds), _run(sim, feeds)) < EXACT
+    matrices = {o["matrix"] for o in report.online_rotations}
+    assert matrices <= set(sim.param_names), "AIMET put a weight quantizer on every online rotation matrix"

@@ -190,7 +190,11 @@ def trace_stream(index: GraphIndex) -> Stream:
         if node.op_type in TRANSPARENT_OPS and node.input[0] in stream:
             stream.update(node.output[:1])
             continue
-        if node.op_type in SCALAR_OPS and node.input[0] in stream and index.scalar(node.input[1]) is not None:
+        if (
+            node.op_type in SCALAR_OPS
+            and node.input[0] in stream
+            and index.scalar(index.see_through_back(node.input[1])) is not None  # AIMET quantizes constants
+        ):
             stream.update(node.output[:1])
             continue
         if node.op_type == "Add" and len(node.input) == 2:
