@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         rows=args.rows,
         providers=args.providers,
         activations=True,
+        quantize_lm_head=args.quantize_lm_head,
     )
     tokens_path = _tokens_path(args)
     tokens = ev.load_tokens(tokens_path)
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``eval`` on the main parser's subcommands."""
-    from spinquant_onnx.evaluate import ROWS
+    from spinquant_onnx.evaluate import DEFAULT_ROWS, ROWS
 
     parser = subparsers.add_parser(
         "eval",
@@ -80,7 +81,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=2,
         help="windows after the scored ones used to calibrate W8A8 (default 2)",
     )
-    parser.add_argument("--rows", type=_rows, default=ROWS, help=f"comma list from {','.join(ROWS)} (default all)")
+    parser.add_argument(
+        "--rows",
+        type=_rows,
+        default=DEFAULT_ROWS,
+        help=f"comma list from {','.join(ROWS)} (default {','.join(DEFAULT_ROWS)}); w8a8-int runs the W8A8 "
+        "model with onnxruntime's fused int8 kernels instead of as dequantize-then-float",
+    )
+    parser.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: float)")
     parser.add_argument("--providers", type=_providers, default=None, help="onnxruntime providers (default cpu)")
     parser.add_argument("--json", help="write the results as JSON here")
     parser.add_argument("--plot", help="write a PNG: residual per-channel max |x| and perplexity bars")

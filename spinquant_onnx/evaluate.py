@@ -350,6 +350,7 @@ def evaluate_model(
     scored, calibration = split_windows(tokens, config)
     result = ModelResult(str(path))
     graph = load_model(path)
+    _check_vocab(graph, path, tokens[: scored.size + calibration.size])
     name_nodes(graph)
     keep_float = online_nodes(graph)
     if not config.quantize_lm_head:
@@ -368,6 +369,17 @@ def evaluate_model(
             result.timings[row] = round(time.perf_counter() - started, 2)
             say(f"[{label}] {ROW_LABELS[row]}: perplexity {result.perplexity[row]:.3f}")
     return result
+
+
+def _check_vocab(graph: onnx.ModelProto, path: Path, used: np.ndarray) -> None:
+    from spinquant_onnx.validate import infer_vocab_size
+
+    vocab = infer_vocab_size(graph)
+    if vocab is not None and (int(used.max()) >= vocab or int(used.min()) < 0):
+        raise InputError(
+            f"token id {int(used.max())} is outside the model's vocabulary of {vocab} ({path}); "
+            "were the tokens made with this model's tokenizer?"
+        )
 
 
 def _score_float(path: Path, scored: np.ndarray, config: EvalConfig, result: ModelResult) -> float:
@@ -399,7 +411,8 @@ def evaluate(
     log: Log | None = None,
 ) -> dict[str, ModelResult]:
     """Results for the original model and, when given, its rotated twin (same windows, same rows)."""
-    results = {"original": evaluate_model(model, tokens, config, log, "original")}
+    first = "original" if rotated is not None else "model"
+    results = {first: evaluate_model(model, tokens, config, log, first)}
     if rotated is not None:
         results["rotated"] = evaluate_model(rotated, tokens, config, log, "rotated")
     return results
@@ -472,8 +485,8 @@ def plot(results: dict[str, ModelResult], out: str | Path) -> None:
     for ax, name in zip(axes[:, 0], with_act, strict=False):
         per_point = results[name].residual_absmax
         channels = np.arange(per_point.shape[1])
-        ax.plot(channels, per_point.max(axis=0), lw=0.8, label="max over residual points and tokens")
-        ax.plot(channels, np.median(per_point, axis=0), lw=0.8, label="median over residual points")
+        ax.plot(channels, np.median(per_point, axis=0), lw=0.8, color="tab:orange", label="median over residual points")
+        ax.plot(channels, per_point.max(axis=0), lw=0.8, color="tab:blue", label="max over residual points")
         ax.set_yscale("log")
         ax.set_ylim(top=top * 2)
         ax.set_title(f"{name}: residual stream per-channel max |x| ({per_point.shape[0]} points)")
