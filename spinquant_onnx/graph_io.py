@@ -367,11 +367,11 @@ def set_tensor_data(tensor: TensorProto, values: np.ndarray) -> None:
     tensor.name = name
 
 
-def _raw_bytes(values: np.ndarray, elem_type: int) -> bytes:
+def _raw_bytes(values: np.ndarray, elem_type: int) -> bytes | memoryview:
     values = np.ascontiguousarray(values, dtype=np_dtype(elem_type))
     if elem_type in SUB_BYTE_BITS:
         return numpy_helper.from_array(values).raw_data  # packs two (or four) values per byte
-    return values.tobytes()
+    return memoryview(values).cast("B")  # written as is: no bytes copy of a tensor that may be gigabytes
 
 
 # ----------------------------------------------------------------------------------------------- writing
