@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,6 +303,22 @@ def apply_spinquant(model: Any, visual: Any = None, embedding: Any = None, **opt
     return report
 
 
+PROGRESS_MIN_BYTES = 256 << 20
+
+
+@contextlib.contextmanager
+def _progress_bar(model: onnx.ModelProto, store: TensorStore, label: str) -> Iterator[Callable[[int], None] | None]:
+    """A tqdm bar over bytes written, only on a terminal and only for runs long enough to want one."""
+    total = sum(store.nbytes(t.name) for t in model.graph.initializer if t.name in store)
+    if total < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr, leave=False) as bar:
+        yield bar.update
+
+
 def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: Any) -> Report:
     """Read ``in_path``, rotate, optionally validate, and write ``out_path`` atomically.
 
@@ -324,13 +343,15 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
     staging = staging_dir(out_path)
     try:
         mark = time.perf_counter()
-        staged = save_model(
-            model,
-            staging / out_path.name,
-            checks.checked_values(plan, analysis.store),
-            external=True if uses_external_data(model) else None,
-            data_name=output_data_name(out_path),
-        )
+        with _progress_bar(model, analysis.store, f"rotating {in_path.name}") as progress:
+            staged = save_model(
+                model,
+                staging / out_path.name,
+                checks.checked_values(plan, analysis.store),
+                external=True if uses_external_data(model) else None,
+                data_name=output_data_name(out_path),
+                progress=progress,
+            )
         timings["rotate_and_write"] = round(time.perf_counter() - mark, 4)
         if opts.validate:
             from spinquant_onnx.validate import compare_models

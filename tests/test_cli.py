@@ -71,3 +71,14 @@ def test_output_equal_to_input_needs_in_place(tmp_path: Path) -> None:
     done = run("rotate", str(path), str(path), "--in-place")
     assert done.returncode == 0, done.stderr
     assert path.read_bytes() != before
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path: Path, monkeypatch, capsys) -> None:
+    import spinquant_onnx.api as api
+
+    monkeypatch.setattr(api, "PROGRESS_MIN_BYTES", 0)
+    api.convert(FIXTURES / "llama_ts.onnx", tmp_path / "a.onnx")  # pytest's stderr is not a terminal
+    assert "rotating" not in capsys.readouterr().err
+    monkeypatch.setattr(api.sys.stderr, "isatty", lambda: True, raising=False)
+    api.convert(FIXTURES / "llama_ts.onnx", tmp_path / "b.onnx")
+    assert "rotating llama_ts.onnx" in capsys.readouterr().err
