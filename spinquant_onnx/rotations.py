@@ -42,16 +42,25 @@ class Rotation:
         """Order of one diagonal block (n when unblocked)."""
         return self.block_size or self.n
 
-    def apply(self, x: np.ndarray, axis: int, dtype: type = np.float64) -> np.ndarray:
-        """y = x @ R along `axis`, computed in `dtype` (float64 unless the user asked for float32)."""
-        return self._apply(x, axis, transpose=False, dtype=dtype)
+    def apply(self, x: np.ndarray, axis: int, dtype: type = np.float64, overwrite: bool = False) -> np.ndarray:
+        """y = x @ R along `axis`, computed in `dtype` (float64 unless the user asked for float32).
 
-    def apply_transpose(self, x: np.ndarray, axis: int, dtype: type = np.float64) -> np.ndarray:
+        ``overwrite=True`` lets a caller that owns a C-contiguous array of ``dtype`` have it transformed in
+        place, saving a copy of a tensor that may be gigabytes.
+        """
+        return self._apply(x, axis, transpose=False, dtype=dtype, overwrite=overwrite)
+
+    def apply_transpose(
+        self, x: np.ndarray, axis: int, dtype: type = np.float64, overwrite: bool = False
+    ) -> np.ndarray:
         """y = x @ R^T along `axis`: the inverse of apply."""
-        return self._apply(x, axis, transpose=True, dtype=dtype)
+        return self._apply(x, axis, transpose=True, dtype=dtype, overwrite=overwrite)
 
-    def _apply(self, x: np.ndarray, axis: int, transpose: bool, dtype: type = np.float64) -> np.ndarray:
-        y = np.array(x, dtype=dtype, order="C")  # the one copy we own and may overwrite
+    def _apply(
+        self, x: np.ndarray, axis: int, transpose: bool, dtype: type = np.float64, overwrite: bool = False
+    ) -> np.ndarray:
+        reuse = overwrite and x.dtype == dtype and x.flags.c_contiguous and x.flags.writeable
+        y = x if reuse else np.array(x, dtype=dtype, order="C")  # the one copy we own and may overwrite
         axis = _norm_axis(y, axis)
         if y.shape[axis] != self.n:
             raise SpinQuantError(

@@ -38,18 +38,22 @@ class TensorOp:
         vec = None if self.vector is None else self.vector.tobytes()
         return (self.kind, self.axis, vec, id(self.rotation), self.value)
 
-    def apply(self, values: np.ndarray, work: type = np.float64) -> np.ndarray:
-        """The op in the working precision ``work`` (float64 by default)."""
+    def apply(self, values: np.ndarray, work: type = np.float64, owned: bool = False) -> np.ndarray:
+        """The op in the working precision ``work`` (float64 by default); ``owned`` arrays are reused."""
         if self.kind == "fill":
             return np.full(values.shape, self.value, dtype=work)
         if self.kind == "scale":
             shape = [1] * values.ndim
             shape[self.axis] = -1
-            return values * self.vector.astype(work).reshape(shape)
+            factor = self.vector.astype(work).reshape(shape)
+            if owned:
+                values *= factor
+                return values
+            return values * factor
         if self.kind == "rotate":
-            return self.rotation.apply(values, self.axis, dtype=work)
+            return self.rotation.apply(values, self.axis, dtype=work, overwrite=owned)
         if self.kind == "rotate_t":
-            return self.rotation.apply_transpose(values, self.axis, dtype=work)
+            return self.rotation.apply_transpose(values, self.axis, dtype=work, overwrite=owned)
         raise ValueError(self.kind)
 
 
@@ -80,15 +84,16 @@ def run_ops(values: np.ndarray, ops: tuple[TensorOp, ...], dtype: np.dtype, work
         for start in range(0, values.shape[other], step):
             window = [slice(None)] * values.ndim
             window[other] = slice(start, start + step)
-            out[tuple(window)] = _run_all(values[tuple(window)], ops, work).astype(dtype)
+            out[tuple(window)] = _run_all(values[tuple(window)], ops, work)  # cast on assignment
         return out
     return _run_all(values, ops, work).astype(dtype)
 
 
 def _run_all(values: np.ndarray, ops: tuple[TensorOp, ...], work: type) -> np.ndarray:
-    result = np.asarray(values, dtype=work)
+    """One owned working copy, transformed in place by every op."""
+    result = np.array(values, dtype=work, order="C")
     for op in ops:
-        result = op.apply(result, work)
+        result = op.apply(result, work, owned=True)
     return result
 
 

@@ -51,16 +51,19 @@ class RangeRotation:
         window[axis] = slice(self.start, self.start + self.inner.n)
         return tuple(window)
 
-    def apply(self, x: np.ndarray, axis: int, dtype: type = np.float64) -> np.ndarray:
-        y = np.array(x, dtype=dtype)
-        window = self._window(y.ndim, axis % y.ndim)
-        y[window] = self.inner.apply(y[window], axis, dtype=dtype)
-        return y
+    def apply(self, x: np.ndarray, axis: int, dtype: type = np.float64, overwrite: bool = False) -> np.ndarray:
+        return self._apply(x, axis, dtype, overwrite, transpose=False)
 
-    def apply_transpose(self, x: np.ndarray, axis: int, dtype: type = np.float64) -> np.ndarray:
-        y = np.array(x, dtype=dtype)
+    def apply_transpose(
+        self, x: np.ndarray, axis: int, dtype: type = np.float64, overwrite: bool = False
+    ) -> np.ndarray:
+        return self._apply(x, axis, dtype, overwrite, transpose=True)
+
+    def _apply(self, x: np.ndarray, axis: int, dtype: type, overwrite: bool, transpose: bool) -> np.ndarray:
+        y = x if overwrite and x.dtype == dtype and x.flags.writeable else np.array(x, dtype=dtype)
         window = self._window(y.ndim, axis % y.ndim)
-        y[window] = self.inner.apply_transpose(y[window], axis, dtype=dtype)
+        turn = self.inner.apply_transpose if transpose else self.inner.apply
+        y[window] = turn(y[window], axis, dtype=dtype)
         return y
 
     def describe(self) -> dict[str, Any]:
