@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import MANIFEST_KEYS
 
 from spinquant_onnx.validate import run_model, synthesize_inputs
 
@@ -22,23 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent / "fixtures" / "exporters"
 MANIFEST = ROOT / "manifest.json"
 ENTRIES: list[dict] = json.loads(MANIFEST.read_text()) if MANIFEST.exists() else []
 
-KEYS = {
-    "file": str,
-    "family": str,
-    "exporter": str,
-    "opset": int,
-    "tied": bool,
-    "hidden": int,
-    "layers": int,
-    "vocab": int,
-    "num_heads": int,
-    "num_kv_heads": int,
-    "head_dim": int,
-    "intermediate": int,
-    "notes": str,
-    "kv_cache": bool,
-    "expect": str,
-}
+KEYS = {**MANIFEST_KEYS, "kv_cache": bool, "expect": str}
 
 # Op types (domain-qualified when not ai.onnx) each group must contain: the reason the fixture exists.
 REQUIRED_OPS = {

@@ -13,26 +13,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import MANIFEST_KEYS
 from onnx import numpy_helper
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 MANIFEST = FIXTURES / "manifest.json"
 
-KEYS = {
-    "file": str,
-    "family": str,
-    "exporter": str,
-    "opset": int,
-    "tied": bool,
-    "hidden": int,
-    "layers": int,
-    "vocab": int,
-    "num_heads": int,
-    "num_kv_heads": int,
-    "head_dim": int,
-    "intermediate": int,
-    "notes": str,
-}
+KEYS = MANIFEST_KEYS
 
 
 def _manifest() -> list[dict]:
