@@ -240,7 +240,9 @@ def _as_model_proto(target: Any) -> onnx.ModelProto:
     )
 
 
-def apply_spinquant(model: Any, visual: Any = None, embedding: Any = None, **options: Any) -> Report:
+def apply_spinquant(
+    model: Any, visual: Any = None, embedding: Any = None, *, visual_sim: Any = None, **options: Any
+) -> Report:
     """Rewrite ``model`` (an ``onnx.ModelProto`` with its weights loaded) in place; returns the report.
 
     With ``visual`` (the VLM's visual encoder) or ``embedding`` (its [vocab, hidden] table, numpy or
@@ -251,6 +253,10 @@ def apply_spinquant(model: Any, visual: Any = None, embedding: Any = None, **opt
     ``QuantizationSimModel`` (anything with a ModelProto at ``.model.model``): see ``quantsim.apply_to_sim``
     for what is checked, ``reset_encodings=True``, and the session rebuild.
     """
+    if visual_sim is not None:  # AIMET's spelling of the same argument
+        if visual is not None:
+            raise SpinQuantError("pass the visual encoder once: visual= or visual_sim=, not both")
+        visual = visual_sim
     if visual is not None or embedding is not None:
         from spinquant_onnx.vlm import apply_vlm
 
