@@ -458,8 +458,9 @@ def save_model(
     """Write ``model`` to ``path`` (in a staging folder), pulling each initializer from ``tensor_values``.
 
     ``tensor_values(name)`` is called once per initializer, in graph order, so a caller can compute
-    rewritten tensors lazily and only one is in memory at a time. With external data, all tensors
-    (strings excepted) go to ``data_name`` (default ``<name>.data``) beside the model. Files are synced
+    rewritten tensors lazily and only one is in memory at a time. With external data, every tensor of
+    1 KB or more (strings excepted) goes to ``data_name`` (default ``<name>.data``) beside the model; with
+    none that large, no data file is written. Files are synced
     to disk before returning. Returns the files written, the model first.
     """
     path = Path(path)
@@ -514,6 +515,9 @@ def _save_model(
                 del values, raw
             data_file.flush()
             os.fsync(data_file.fileno())
+        if offset == 0:  # every tensor was small enough to stay inline: no data file to ship
+            (path.parent / data_name).unlink()
+            written.remove(path.parent / data_name)
     else:
         for tensor in header.graph.initializer:
             values = tensor_values(tensor.name)
