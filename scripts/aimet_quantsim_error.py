@@ -37,8 +37,8 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from spinquant_onnx import apply_spinquant  # noqa: E402
-from spinquant_onnx.quantsim import mask_quantizers  # noqa: E402
-from spinquant_onnx.validate import infer_vocab_size, synthesize_inputs  # noqa: E402
+from spinquant_onnx.core.equivalence import infer_vocab_size, synthesize_inputs  # noqa: E402
+from spinquant_onnx.integrations.aimet import mask_quantizers  # noqa: E402
 
 PRECISIONS = {"W8A16": ("int8", "int16"), "W8A8": ("int8", "int8")}
 

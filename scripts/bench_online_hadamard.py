@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from spinquant_onnx.rewrite.fast_hadamard_nodes import MATMUL_MAX_ORDER, METHODS, choose_method, hadamard_nodes
-from spinquant_onnx.rotations import make_rotation
+from spinquant_onnx.rotation.kinds import make_rotation
 
 HEAD_DIMS = (64, 128, 256)
 INTERMEDIATES = (1536, 2048, 4864, 8192, 11008, 14336)

@@ -316,8 +316,8 @@ def build_llama(path: Path, s: Shape, seed: int = 0) -> int:
 
 def child_dense(src: Path, dst: Path) -> None:
     """Naive rotation: whole model in memory, the plan's operations as dense float64 matrix products."""
-    from spinquant_onnx.api import Options, _plan, analyze
-    from spinquant_onnx.graph_io import set_tensor_data
+    from spinquant_onnx.core.pipeline import Options, _plan, analyze
+    from spinquant_onnx.io.model_file import set_tensor_data
 
     external = _external(src)
     model = onnx.load(str(src), load_external_data=True)
@@ -340,7 +340,7 @@ def child_dense(src: Path, dst: Path) -> None:
 
 
 def child_io_stream(src: Path, dst: Path) -> None:
-    from spinquant_onnx.graph_io import TensorStore, load_model, save_model, uses_external_data
+    from spinquant_onnx.io.model_file import TensorStore, load_model, save_model, uses_external_data
 
     model = load_model(src)
     store = TensorStore(model, src.parent)
@@ -393,7 +393,7 @@ def model_files(path: Path) -> list[Path]:
 
 def model_bytes(path: Path) -> int:
     """Initializer bytes: what must be read, rotated and written."""
-    from spinquant_onnx.graph_io import np_dtype
+    from spinquant_onnx.io.model_file import np_dtype
 
     model = onnx.load(str(path), load_external_data=False)
     return sum(int(np.prod(t.dims, dtype=np.int64)) * np_dtype(t.data_type).itemsize for t in model.graph.initializer)

@@ -56,7 +56,7 @@ def _column(entry: dict) -> str:
 
 
 def _run(path: Path, **options) -> str:
-    from spinquant_onnx.api import convert
+    from spinquant_onnx.core.pipeline import convert
     from spinquant_onnx.errors import SpinQuantError, ValidationFailedError
 
     with tempfile.TemporaryDirectory() as tmp:

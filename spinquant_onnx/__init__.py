@@ -1,6 +1,6 @@
 """spinquant-onnx: SpinQuant rotations applied to exported ONNX decoders, exactly or not at all."""
 
-from spinquant_onnx.api import analyze, apply_spinquant, convert
+from spinquant_onnx.core.pipeline import analyze, apply_spinquant, convert
 from spinquant_onnx.errors import SpinQuantError
 
 __all__ = ["SpinQuantError", "analyze", "apply_spinquant", "convert"]

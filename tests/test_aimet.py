@@ -12,9 +12,9 @@ from conftest import FIXTURES
 from onnx import numpy_helper
 
 from spinquant_onnx import apply_spinquant, convert
+from spinquant_onnx.core.equivalence import infer_vocab_size, synthesize_inputs
 from spinquant_onnx.errors import SpinQuantError
-from spinquant_onnx.quantsim import mask_quantizers, quantizer_nodes
-from spinquant_onnx.validate import infer_vocab_size, synthesize_inputs
+from spinquant_onnx.integrations.aimet import mask_quantizers, quantizer_nodes
 
 if os.environ.get("CI"):  # CI installs aimet-onnx (README): a missing install must fail, not skip
     import aimet_onnx.quantsim as quantsim

@@ -74,7 +74,7 @@ def test_output_equal_to_input_needs_in_place(tmp_path: Path) -> None:
 
 
 def test_progress_bar_only_on_a_terminal(tmp_path: Path, monkeypatch, capsys) -> None:
-    import spinquant_onnx.api as api
+    import spinquant_onnx.core.pipeline as api
 
     monkeypatch.setattr(api, "PROGRESS_MIN_BYTES", 0)
     api.convert(FIXTURES / "llama_ts.onnx", tmp_path / "a.onnx")  # pytest's stderr is not a terminal

@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 from scipy.special import log_softmax
 
-from spinquant_onnx import evaluate as ev
-from spinquant_onnx.api import convert
 from spinquant_onnx.cli import main
+from spinquant_onnx.core.pipeline import convert
 from spinquant_onnx.errors import InputError
+from spinquant_onnx.integrations import evaluate as ev
 
 VOCAB, HIDDEN, LAYERS = 128, 64, 2
 CONFIG = dict(windows=3, window_len=16, calibration_windows=2)

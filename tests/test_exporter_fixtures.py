@@ -1,7 +1,7 @@
 """The committed exporter fixtures (fixtures/exporters/manifest.json) load, run and are what they claim.
 
 They come from scripts/make_exporter_fixtures.py (optimum-onnx, onnxruntime-genai, torch dynamo opset 23,
-Gemma3); here only onnx, onnxruntime and spinquant_onnx.validate are needed. Each fixture runs on CPU
+Gemma3); here only onnx, onnxruntime and spinquant_onnx.core.equivalence are needed. Each fixture runs on CPU
 with inputs from `synthesize_inputs` (a prefill, and with a KV cache a chunk and a decode step after a
 non-empty past); every output must be finite and shaped as the manifest says. Whether spinquant-onnx
 rotates a fixture exactly or refuses it ("expect") is tested elsewhere.
@@ -17,7 +17,7 @@ import onnx
 import pytest
 from conftest import MANIFEST_KEYS
 
-from spinquant_onnx.validate import run_model, synthesize_inputs
+from spinquant_onnx.core.equivalence import run_model, synthesize_inputs
 
 ROOT = Path(__file__).resolve().parent.parent / "fixtures" / "exporters"
 MANIFEST = ROOT / "manifest.json"

@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
-from spinquant_onnx.api import convert
+from spinquant_onnx.core.equivalence import compare_models, infer_vocab_size, run_model, synthesize_inputs
+from spinquant_onnx.core.pipeline import convert
 from spinquant_onnx.errors import SpinQuantError
-from spinquant_onnx.validate import compare_models, infer_vocab_size, run_model, synthesize_inputs
 
 NAMES = ["llama_ts.onnx", "llama_tied_dynamo.onnx", "qwen2_dynamo.onnx", "phi3_ts.onnx", "mistral_ts.onnx"]
 SOURCES = {name: (FIXTURES / name).read_bytes() for name in NAMES}

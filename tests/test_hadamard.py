@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spinquant_onnx.errors import UnsupportedSizeError
-from spinquant_onnx.hadamard import (
+from spinquant_onnx.rotation.hadamard import (
     _GF,
     base_matrix,
     decompose,

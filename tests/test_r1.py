@@ -13,8 +13,8 @@ from conftest import FIXTURES, manifest
 from onnx import helper, numpy_helper
 
 import spinquant_onnx
-from spinquant_onnx.api import analyze, apply_spinquant, convert
-from spinquant_onnx.validate import compare_models
+from spinquant_onnx.core.equivalence import compare_models
+from spinquant_onnx.core.pipeline import analyze, apply_spinquant, convert
 
 ENTRIES = manifest()
 EXACT = 1e-5

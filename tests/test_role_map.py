@@ -12,10 +12,10 @@ import pytest
 from conftest import FIXTURES
 from onnx import helper
 
-from spinquant_onnx.api import analyze, convert
+from spinquant_onnx.core.equivalence import compare_models
+from spinquant_onnx.core.pipeline import analyze, convert
 from spinquant_onnx.errors import InputError, UnsupportedGraphError
 from spinquant_onnx.match.role_map import export_roles
-from spinquant_onnx.validate import compare_models
 
 
 def _roles(path: Path) -> dict:

@@ -10,12 +10,12 @@ import pytest
 from conftest import FIXTURES
 from onnx import numpy_helper
 
-from spinquant_onnx.api import apply_spinquant, convert
 from spinquant_onnx.cli import main
+from spinquant_onnx.core.equivalence import compare_models
+from spinquant_onnx.core.pipeline import apply_spinquant, convert
 from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedGraphError, UnsupportedSizeError
-from spinquant_onnx.rotation_file import load_rotation_file
-from spinquant_onnx.torch_pickle import save_torch
-from spinquant_onnx.validate import compare_models
+from spinquant_onnx.io.torch_pickle import save_torch
+from spinquant_onnx.rotation.learned_file import load_rotation_file
 
 EXACT = 1e-5
 HIDDEN, HEAD_DIM, LAYERS = 64, 16, 2  # llama_dynamo.onnx / qwen2_ts.onnx / phi3_ts.onnx

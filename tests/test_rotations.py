@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from spinquant_onnx.errors import SpinQuantError, UnsupportedSizeError
-from spinquant_onnx.hadamard import hadamard_matrix
-from spinquant_onnx.rotations import Rotation, from_matrix, make_rotation
+from spinquant_onnx.rotation.hadamard import hadamard_matrix
+from spinquant_onnx.rotation.kinds import Rotation, from_matrix, make_rotation
 
 CASES = [
     ("hadamard", 64, None),

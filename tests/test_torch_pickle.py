@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from spinquant_onnx.errors import InputError
-from spinquant_onnx.torch_pickle import _Pickle, load_torch, save_torch
+from spinquant_onnx.io.torch_pickle import _Pickle, load_torch, save_torch
 
 torch = pytest.importorskip("torch")
 

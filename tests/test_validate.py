@@ -1,4 +1,4 @@
-"""Tests for spinquant_onnx.validate on tiny hand-built decoders (CPU only)."""
+"""Tests for spinquant_onnx.core.equivalence on tiny hand-built decoders (CPU only)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from spinquant_onnx import validate
-from spinquant_onnx.errors import InputError, SpinQuantError, ValidationFailedError
-from spinquant_onnx.validate import (
+from spinquant_onnx.core import equivalence as validate
+from spinquant_onnx.core.equivalence import (
     compare_models,
     infer_vocab_size,
     resolve_providers,
     run_model,
     synthesize_inputs,
 )
+from spinquant_onnx.errors import InputError, SpinQuantError, ValidationFailedError
 
 VOCAB, HIDDEN, KV_HEADS, HEAD_DIM = 32, 8, 2, 4
 CPU = "CPUExecutionProvider"

@@ -16,11 +16,11 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from spinquant_onnx.api import apply_spinquant
 from spinquant_onnx.cli import main
+from spinquant_onnx.core.pipeline import apply_spinquant
 from spinquant_onnx.errors import UnsupportedGraphError
-from spinquant_onnx.torch_pickle import load_torch
-from spinquant_onnx.vlm import apply_vlm, convert_vlm
+from spinquant_onnx.integrations.vlm import apply_vlm, convert_vlm
+from spinquant_onnx.io.torch_pickle import load_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 VLM = ROOT / "fixtures" / "vlm"
@@ -235,8 +235,8 @@ def test_backbone_input_read_outside_the_stream_is_refused() -> None:
 
 
 def test_embedding_dict_keeps_its_other_entries(tmp_path: Path) -> None:
-    from spinquant_onnx.rotations import make_rotation
-    from spinquant_onnx.torch_pickle import save_torch
+    from spinquant_onnx.io.torch_pickle import save_torch
+    from spinquant_onnx.rotation.kinds import make_rotation
 
     folder = VLM / "qwen2_5_vl"
     table = np.array(load_torch(folder / "embedding.pth"))

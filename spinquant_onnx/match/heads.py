@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from spinquant_onnx.errors import UnsupportedGraphError
-from spinquant_onnx.graph_index import TRANSPARENT_OPS, GraphIndex, node_label
+from spinquant_onnx.graph.index import TRANSPARENT_OPS, GraphIndex, node_label
 from spinquant_onnx.match.linears import Linear
 from spinquant_onnx.match.norms import NormMatch, find_norms
 from spinquant_onnx.match.roles import ATTENTION_OPS, Roles, SubBlock

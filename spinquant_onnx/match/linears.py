@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from spinquant_onnx.graph_index import TRANSPARENT_OPS, GraphIndex, Use, node_label
+from spinquant_onnx.graph.index import TRANSPARENT_OPS, GraphIndex, Use, node_label
 
 LINEAR_OPS = frozenset({"MatMul", "Gemm"})
 

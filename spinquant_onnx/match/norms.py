@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from spinquant_onnx.graph_index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphIndex, Use, node_label
+from spinquant_onnx.graph.index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphIndex, Use, node_label
 from spinquant_onnx.match.pattern import AnyOf, Const, Init, Match, Op, Var, match, optional, scalar_equals
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from spinquant_onnx.graph_index import TRANSPARENT_OPS, GraphIndex
+from spinquant_onnx.graph.index import TRANSPARENT_OPS, GraphIndex
 
 # Nodes a chain may carry on any edge without changing its meaning.
 PASS_THROUGH = frozenset({"QcQuantizeOp", "Identity"})

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from spinquant_onnx.errors import UnsupportedGraphError
-from spinquant_onnx.graph_index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphIndex, Use, node_label
+from spinquant_onnx.graph.index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphIndex, Use, node_label
 from spinquant_onnx.match.linears import LINEAR_OPS, Linear, linear_at, linear_writing, weight_behind
 from spinquant_onnx.match.norms import NormMatch, find_norms
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from spinquant_onnx.errors import InputError
-from spinquant_onnx.graph_index import TRANSPARENT_OPS, GraphIndex
+from spinquant_onnx.graph.index import TRANSPARENT_OPS, GraphIndex
 from spinquant_onnx.match.linears import Linear, linear_at, weight_behind
 from spinquant_onnx.match.norms import NormMatch, find_norms
 from spinquant_onnx.match.residual import SCALAR_OPS, Embedding, Residual, Stream

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from spinquant_onnx.graph_index import GraphIndex
+from spinquant_onnx.graph.index import GraphIndex
 from spinquant_onnx.match.linears import Linear, linear_writing
 from spinquant_onnx.match.norms import NormMatch
 from spinquant_onnx.match.residual import Stream

@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from spinquant_onnx.graph_index import GraphIndex, Use
-from spinquant_onnx.hadamard import _sylvester, base_matrix, decompose
+from spinquant_onnx.graph.index import GraphIndex, Use
+from spinquant_onnx.rotation.hadamard import _sylvester, base_matrix, decompose
 
 METHODS = ("matmul", "kron", "butterfly")
 # Dense constants above this order cost more memory than any speed they could buy (n^2 floats per node).
@@ -104,7 +104,7 @@ def hadamard_nodes(
     The result keeps x's shape and dtype. ``out`` names the final tensor (a fresh name when None).
     Raises UnsupportedSizeError (from hadamard.decompose users) when no Hadamard matrix of order n is known.
     """
-    from spinquant_onnx.hadamard import _unsupported
+    from spinquant_onnx.rotation.hadamard import _unsupported
 
     mk = decompose(n)
     if mk is None:
@@ -115,7 +115,7 @@ def hadamard_nodes(
     b = _Builder(prefix, elem_type, opset)
     scale = 1.0 / math.sqrt(n)
     if method == "matmul" or n == 1:
-        from spinquant_onnx.hadamard import hadamard_matrix
+        from spinquant_onnx.rotation.hadamard import hadamard_matrix
 
         result = b.node("MatMul", [x, b.const("H", hadamard_matrix(n) * scale)], out=out)[0]
         return HadamardNodes(x, result, n, "matmul", b.nodes, b.initializers)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spinquant_onnx.graph_io import TensorStore
+from spinquant_onnx.io.model_file import TensorStore
 from spinquant_onnx.match.residual import Stream
 from spinquant_onnx.rewrite.plan import TensorPlan, fill, scale
 

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from spinquant_onnx.graph_index import GraphIndex
-from spinquant_onnx.rotations import Rotation
+from spinquant_onnx.graph.index import GraphIndex
+from spinquant_onnx.rotation.kinds import Rotation
 
 
 @dataclass

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from spinquant_onnx.graph_index import GraphIndex, Use
-from spinquant_onnx.graph_io import TensorStore
-from spinquant_onnx.rotations import Rotation
+from spinquant_onnx.graph.index import GraphIndex, Use
+from spinquant_onnx.io.model_file import TensorStore
+from spinquant_onnx.rotation.kinds import Rotation
 
 # Rows of float64 work per chunk when a tensor is rewritten along one axis: bounds temporary memory.
 CHUNK_ELEMENTS = 1 << 24

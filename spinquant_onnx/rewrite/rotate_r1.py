@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import onnx
 
-from spinquant_onnx.graph_index import GraphIndex
+from spinquant_onnx.graph.index import GraphIndex
 from spinquant_onnx.match.residual import Stream
 from spinquant_onnx.rewrite.online import OnlineRotation, insert_online_rotation
 from spinquant_onnx.rewrite.plan import TensorPlan, rotate
-from spinquant_onnx.rotations import Rotation
+from spinquant_onnx.rotation.kinds import Rotation
 
 
 def insert_online_writes(index: GraphIndex, stream: Stream, rotation: Rotation) -> list[OnlineRotation]:

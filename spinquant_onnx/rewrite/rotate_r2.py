@@ -19,10 +19,10 @@ import numpy as np
 import onnx
 
 from spinquant_onnx.errors import UnsupportedGraphError
-from spinquant_onnx.graph_index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphIndex, node_label
+from spinquant_onnx.graph.index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphIndex, node_label
 from spinquant_onnx.match.heads import FUSED_ATTENTION, AttentionSite, op_axes, reshape_last_dim
 from spinquant_onnx.rewrite.plan import TensorPlan, rotate
-from spinquant_onnx.rotations import Rotation
+from spinquant_onnx.rotation.kinds import Rotation
 
 LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Tile", "Concat", "Slice"})
 

@@ -19,10 +19,10 @@ from typing import Any
 import onnx
 
 from spinquant_onnx.errors import UnsupportedGraphError, UnsupportedSizeError
-from spinquant_onnx.graph_index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphIndex, Use, node_label
-from spinquant_onnx.hadamard import decompose
+from spinquant_onnx.graph.index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphIndex, Use, node_label
 from spinquant_onnx.match.heads import AttentionSite, op_axes, reshape_last_dim
 from spinquant_onnx.rewrite.fast_hadamard_nodes import insert_online_hadamard
+from spinquant_onnx.rotation.hadamard import decompose
 
 # Ops that only move key entries around (the repeat_kv and transpose between the cache and the score MatMul).
 KEY_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Tile", "Concat"})

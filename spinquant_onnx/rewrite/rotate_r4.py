@@ -11,14 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from spinquant_onnx.errors import UnsupportedGraphError, UnsupportedSizeError
-from spinquant_onnx.graph_index import GraphIndex
-from spinquant_onnx.hadamard import decompose, largest_supported_divisor
+from spinquant_onnx.graph.index import GraphIndex
 from spinquant_onnx.match.linears import Linear
 from spinquant_onnx.match.roles import Roles
 from spinquant_onnx.rewrite.fast_hadamard_nodes import insert_online_hadamard
 from spinquant_onnx.rewrite.plan import TensorPlan, rotate
 from spinquant_onnx.rewrite.rotate_r3 import activation_type
-from spinquant_onnx.rotations import make_rotation
+from spinquant_onnx.rotation.hadamard import decompose, largest_supported_divisor
+from spinquant_onnx.rotation.kinds import make_rotation
 
 
 def prepare_r4(roles: Roles) -> list[tuple[int, Linear]]:

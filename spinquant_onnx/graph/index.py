@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from spinquant_onnx.graph_io import TensorStore
+from spinquant_onnx.io.model_file import TensorStore
 
 # Ops that pass a tensor through unchanged in value (for our purposes): a matcher looks through them.
 # QcQuantizeOp is AIMET's quantizer node; with quantizers disabled or not yet calibrated it is an identity.

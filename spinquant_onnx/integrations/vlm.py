@@ -32,10 +32,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from spinquant_onnx import api, checks
+from spinquant_onnx.core import pipeline as api
+from spinquant_onnx.core import preflight as checks
 from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedGraphError, ValidationFailedError
-from spinquant_onnx.graph_index import TRANSPARENT_OPS, GraphIndex, node_label
-from spinquant_onnx.graph_io import (
+from spinquant_onnx.graph.index import TRANSPARENT_OPS, GraphIndex, node_label
+from spinquant_onnx.io.model_file import (
     TensorStore,
     commit_output,
     discard_output,
@@ -47,11 +48,11 @@ from spinquant_onnx.graph_io import (
     staging_dir,
     uses_external_data,
 )
+from spinquant_onnx.io.torch_pickle import load_torch, save_torch
 from spinquant_onnx.match.linears import Linear, linear_writing
 from spinquant_onnx.rewrite.online import OnlineRotation, insert_online_rotation
 from spinquant_onnx.rewrite.plan import TensorPlan, rotate, run_ops
-from spinquant_onnx.rotations import Rotation
-from spinquant_onnx.torch_pickle import load_torch, save_torch
+from spinquant_onnx.rotation.kinds import Rotation
 
 # Ops between a merger projection and a visual output that move whole rows of the hidden axis around
 # (window un-permutation, stacking, reshapes) and so commute with ``x -> x @ R`` on that axis.
@@ -355,7 +356,7 @@ class _Table:
         if not self.is_torch and not isinstance(value, np.ndarray):
             raise InputError(
                 f"embedding must be a numpy array or a torch tensor, got {type(value).__name__}; "
-                "for files use spinquant_onnx.vlm.convert_vlm"
+                "for files use spinquant_onnx.integrations.vlm.convert_vlm"
             )
         if not self.is_torch and not value.flags.writeable:
             raise InputError("embedding array is read-only; pass a writable copy (it is rotated in place)")
@@ -429,7 +430,7 @@ def apply_vlm(backbone: Any, visual: Any = None, embedding: Any = None, **option
         if model is not None and uses_external_data(model):
             raise InputError(
                 f"{which} model has external data that is not loaded; load it with onnx.load(path) first "
-                "or use spinquant_onnx.vlm.convert_vlm"
+                "or use spinquant_onnx.integrations.vlm.convert_vlm"
             )
     table = _Table(embedding) if embedding is not None else None
     original = table.read() if table is not None else None
@@ -645,7 +646,7 @@ def validate_vlm(
     backbone(x) == backbone'(x R) (offline) or backbone'(x) (online); visual'(p) == visual(p) R; E' == E R.
     Together these are the end-to-end identity image -> visual -> merge -> backbone.
     """
-    from spinquant_onnx.validate import argmax_agreement, run_model, synthesize_inputs
+    from spinquant_onnx.core.equivalence import argmax_agreement, run_model, synthesize_inputs
 
     rotated = {out_path: files[0] for files, out_path in staged}
     graph = load_model(paths.backbone)
@@ -675,7 +676,7 @@ def validate_vlm(
 def _validate_visual(
     original: Path, rotated: Path, vp: VlmPlan, feeds: dict[str, np.ndarray] | None, opts: api.Options
 ) -> dict[str, Any]:
-    from spinquant_onnx.validate import run_model
+    from spinquant_onnx.core.equivalence import run_model
 
     if feeds is None:
         feeds, reason = _synthesize_visual(vp.visual.model)

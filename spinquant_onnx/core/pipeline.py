@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from spinquant_onnx import checks
+from spinquant_onnx.core import preflight as checks
 from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedSizeError, ValidationFailedError
-from spinquant_onnx.graph_index import GraphIndex
-from spinquant_onnx.graph_io import (
+from spinquant_onnx.graph.index import GraphIndex
+from spinquant_onnx.io.model_file import (
     TensorStore,
     commit_output,
     discard_output,
@@ -40,8 +40,8 @@ from spinquant_onnx.rewrite.rotate_r1 import insert_online_entries, insert_onlin
 from spinquant_onnx.rewrite.rotate_r2 import plan_r2
 from spinquant_onnx.rewrite.rotate_r3 import insert_r3, prepare_r3
 from spinquant_onnx.rewrite.rotate_r4 import insert_r4, prepare_r4
-from spinquant_onnx.rotation_file import LearnedRotations, load_rotation_file
-from spinquant_onnx.rotations import KINDS, Rotation, make_rotation
+from spinquant_onnx.rotation.kinds import KINDS, Rotation, make_rotation
+from spinquant_onnx.rotation.learned_file import LearnedRotations, load_rotation_file
 
 PRECISIONS = {"float64": np.float64, "float32": np.float32}
 
@@ -258,10 +258,10 @@ def apply_spinquant(
             raise SpinQuantError("pass the visual encoder once: visual= or visual_sim=, not both")
         visual = visual_sim
     if visual is not None or embedding is not None:
-        from spinquant_onnx.vlm import apply_vlm
+        from spinquant_onnx.integrations.vlm import apply_vlm
 
         return apply_vlm(model, visual=visual, embedding=embedding, **options)
-    from spinquant_onnx.quantsim import apply_to_sim, is_quantsim
+    from spinquant_onnx.integrations.aimet import apply_to_sim, is_quantsim
 
     if is_quantsim(model):
         return apply_to_sim(model, apply_spinquant, **options)
@@ -360,7 +360,7 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
             )
         timings["rotate_and_write"] = round(time.perf_counter() - mark, 4)
         if opts.validate:
-            from spinquant_onnx.validate import compare_models
+            from spinquant_onnx.core.equivalence import compare_models
 
             mark = time.perf_counter()
             result = compare_models(in_path, staged[0], providers=opts.providers, threshold=opts.threshold,

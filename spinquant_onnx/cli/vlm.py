@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from spinquant_onnx.rotations import KINDS
+from spinquant_onnx.rotation.kinds import KINDS
 
 
 def _providers(value: str) -> list[str]:
@@ -49,7 +49,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _cmd_rotate_vlm(args: argparse.Namespace) -> int:
     from spinquant_onnx.cli import _write_json
-    from spinquant_onnx.vlm import convert_vlm
+    from spinquant_onnx.integrations.vlm import convert_vlm
 
     report = convert_vlm(
         args.backbone,

@@ -32,7 +32,7 @@ def _log(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spinquant_onnx import evaluate as ev
+    from spinquant_onnx.integrations import evaluate as ev
 
     config = ev.EvalConfig(
         windows=args.windows,
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``eval`` on the main parser's subcommands."""
-    from spinquant_onnx.evaluate import DEFAULT_ROWS, ROWS
+    from spinquant_onnx.integrations.evaluate import DEFAULT_ROWS, ROWS
 
     parser = subparsers.add_parser(
         "eval",

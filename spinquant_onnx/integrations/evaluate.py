@@ -25,7 +25,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from spinquant_onnx.errors import InputError
-from spinquant_onnx.graph_io import load_model
+from spinquant_onnx.io.model_file import load_model
 
 ROWS = ("float", "w8a8", "w8a8-int", "w4-128", "w4-32")
 DEFAULT_ROWS = ("float", "w8a8", "w4-128", "w4-32")
@@ -181,7 +181,7 @@ def score(session: Any, windows: np.ndarray, extra_outputs: Sequence[str] = ()) 
 
 def residual_points(model: onnx.ModelProto, base_dir: Path) -> list[str]:
     """The residual stream after the embedding and after every residual Add, in graph order."""
-    from spinquant_onnx.api import analyze
+    from spinquant_onnx.core.pipeline import analyze
 
     stream = analyze(model, base_dir).stream
     points = [stream.embedding.output] if stream.embedding is not None else list(stream.entries)
@@ -191,7 +191,7 @@ def residual_points(model: onnx.ModelProto, base_dir: Path) -> list[str]:
 
 def lm_head_nodes(model: onnx.ModelProto, base_dir: Path) -> list[str]:
     """Names of the lm_head linears (readers of the final norm)."""
-    from spinquant_onnx.api import analyze
+    from spinquant_onnx.core.pipeline import analyze
 
     roles = analyze(model, base_dir).roles
     return [entry.linear.node.name for entry in roles.final.readers] if roles.final is not None else []
@@ -243,7 +243,7 @@ def _session(model: onnx.ModelProto | Path, providers: list[str] | None, referen
     """
     import onnxruntime as ort
 
-    from spinquant_onnx.validate import resolve_providers
+    from spinquant_onnx.core.equivalence import resolve_providers
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -372,7 +372,7 @@ def evaluate_model(
 
 
 def _check_vocab(graph: onnx.ModelProto, path: Path, used: np.ndarray) -> None:
-    from spinquant_onnx.validate import infer_vocab_size
+    from spinquant_onnx.core.equivalence import infer_vocab_size
 
     vocab = infer_vocab_size(graph)
     if vocab is not None and (int(used.max()) >= vocab or int(used.min()) < 0):

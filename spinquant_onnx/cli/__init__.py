@@ -14,9 +14,10 @@ import threading
 import traceback
 from pathlib import Path
 
-from spinquant_onnx import eval_cli, vlm_cli
+from spinquant_onnx.cli import eval as eval_cli
+from spinquant_onnx.cli import vlm as vlm_cli
 from spinquant_onnx.errors import SpinQuantError
-from spinquant_onnx.rotations import KINDS
+from spinquant_onnx.rotation.kinds import KINDS
 
 
 def _providers(value: str) -> list[str]:
@@ -32,7 +33,7 @@ def _write_json(path: str, payload: dict) -> None:
 
 
 def _cmd_rotate(args: argparse.Namespace) -> int:
-    from spinquant_onnx.api import convert
+    from spinquant_onnx.core.pipeline import convert
 
     report = convert(
         args.input,
@@ -72,9 +73,9 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from spinquant_onnx.api import analyze
-    from spinquant_onnx.graph_io import load_model
-    from spinquant_onnx.inspect_view import render
+    from spinquant_onnx.cli.inspect import render
+    from spinquant_onnx.core.pipeline import analyze
+    from spinquant_onnx.io.model_file import load_model
 
     path = Path(args.input)
     analysis = analyze(load_model(path), path.parent)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from spinquant_onnx.errors import SpinQuantError, UnsupportedSizeError
-from spinquant_onnx.hadamard import _as_3d, _contract, _norm_axis, _transform3, _unsupported, decompose
+from spinquant_onnx.rotation.hadamard import _as_3d, _contract, _norm_axis, _transform3, _unsupported, decompose
 
 __all__ = ["KINDS", "Rotation", "from_matrix", "make_rotation"]
 

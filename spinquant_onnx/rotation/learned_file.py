@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedGraphError, UnsupportedSizeError
-from spinquant_onnx.rotations import Rotation, from_matrix
+from spinquant_onnx.rotation.kinds import Rotation, from_matrix
 
 EXACT_TOLERANCE = 1e-6
 PROJECT_TOLERANCE = 1e-4
@@ -93,7 +93,7 @@ def _read_entries(path: Path) -> dict[str, np.ndarray]:
                 return {key: np.asarray(data[key]) for key in data.files}
         except (ValueError, OSError, zipfile.BadZipFile) as exc:
             raise InputError(f"{path}: cannot read .npz rotation file ({exc})") from None
-    from spinquant_onnx.torch_pickle import load_torch
+    from spinquant_onnx.io.torch_pickle import load_torch
 
     value = load_torch(path)
     if not isinstance(value, dict):

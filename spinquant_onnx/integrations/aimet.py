@@ -118,7 +118,7 @@ def check_no_online_nodes(model: onnx.ModelProto, options: dict[str, Any]) -> No
     node would land between a tensor and its quantizer, which AIMET then files under the wrong tensor name
     (and its R matrix would be unquantized). Rotating the float model first lets AIMET place every quantizer.
     """
-    from spinquant_onnx.api import analyze  # api imports this module lazily: no cycle at import time
+    from spinquant_onnx.core.pipeline import analyze  # api imports this module lazily: no cycle at import time
 
     reasons = [f"{name.upper()} (online by design)" for name in ("r3", "r4") if options.get(name)]
     stream = analyze(model, roles=options.get("roles")).stream

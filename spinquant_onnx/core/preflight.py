@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto
 
 from spinquant_onnx.errors import InputError, SpinQuantError
-from spinquant_onnx.graph_io import EMBED_LIMIT, TensorSource, TensorStore, storage_nbytes, type_name
+from spinquant_onnx.io.model_file import EMBED_LIMIT, TensorSource, TensorStore, storage_nbytes, type_name
 from spinquant_onnx.rewrite.plan import CHUNK_ELEMENTS, TensorPlan
 
 ROTATABLE_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16})

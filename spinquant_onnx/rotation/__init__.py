@@ -1,0 +1,1 @@
+"""rotation layer (see README module map)."""
