@@ -316,13 +316,15 @@ def build_llama(path: Path, s: Shape, seed: int = 0) -> int:
 
 def child_dense(src: Path, dst: Path) -> None:
     """Naive rotation: whole model in memory, the plan's operations as dense float64 matrix products."""
-    from spinquant_onnx.core.pipeline import Options, _plan, analyze
+    from spinquant_onnx.core.options import Options
+    from spinquant_onnx.core.pipeline import plan_model
     from spinquant_onnx.io.model_file import set_tensor_data
+    from spinquant_onnx.match.analysis import analyze
 
     external = _external(src)
     model = onnx.load(str(src), load_external_data=True)
     analysis = analyze(model, src.parent)
-    plan, _ = _plan(analysis, Options())
+    plan, _, _ = plan_model(analysis, Options())
     matrices: dict[int, np.ndarray] = {}
     # clones read their source's original values, so they go before tensors rewritten in place
     for name, target in sorted(plan.targets.items(), key=lambda item: item[1].source == item[0]):
@@ -340,7 +342,8 @@ def child_dense(src: Path, dst: Path) -> None:
 
 
 def child_io_stream(src: Path, dst: Path) -> None:
-    from spinquant_onnx.io.model_file import TensorStore, load_model, save_model, uses_external_data
+    from spinquant_onnx.io.model_file import load_model, save_model, uses_external_data
+    from spinquant_onnx.io.tensor_store import TensorStore
 
     model = load_model(src)
     store = TensorStore(model, src.parent)

@@ -6,14 +6,7 @@ import numpy as np
 import pytest
 
 from spinquant_onnx.errors import UnsupportedSizeError
-from spinquant_onnx.rotation.hadamard import (
-    _GF,
-    base_matrix,
-    decompose,
-    fwht,
-    hadamard_matrix,
-    hadamard_transform,
-)
+from spinquant_onnx.rotation.hadamard import _GF, base_matrix, decompose, fwht, hadamard_matrix, hadamard_transform
 
 REQUIRED = [12, 20, 28, 36, 44, 60, 344, 576, 640, 896, 960, 1152, 1536, 2304, 2560, 3072, 3584]
 

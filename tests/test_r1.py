@@ -14,7 +14,9 @@ from onnx import helper, numpy_helper
 
 import spinquant_onnx
 from spinquant_onnx.core.equivalence import compare_models
-from spinquant_onnx.core.pipeline import analyze, apply_spinquant, convert
+from spinquant_onnx.core.pipeline import convert
+from spinquant_onnx.integrations.dispatch import apply_spinquant
+from spinquant_onnx.match.analysis import analyze
 
 ENTRIES = manifest()
 EXACT = 1e-5

@@ -12,10 +12,12 @@ from conftest import FIXTURES, manifest
 from onnx import TensorProto, helper, numpy_helper
 
 from spinquant_onnx.core.equivalence import compare_models, synthesize_inputs
-from spinquant_onnx.core.pipeline import analyze, apply_spinquant, convert
+from spinquant_onnx.core.pipeline import convert
 from spinquant_onnx.errors import UnsupportedGraphError, UnsupportedSizeError
 from spinquant_onnx.graph.index import GraphIndex
-from spinquant_onnx.io.model_file import TensorStore
+from spinquant_onnx.integrations.dispatch import apply_spinquant
+from spinquant_onnx.io.tensor_store import TensorStore
+from spinquant_onnx.match.analysis import analyze
 from spinquant_onnx.match.heads import attention_sites
 from spinquant_onnx.rewrite.fast_hadamard_nodes import METHODS, hadamard_nodes, insert_online_hadamard
 from spinquant_onnx.rotation.kinds import make_rotation

@@ -13,8 +13,9 @@ from conftest import FIXTURES
 from onnx import helper
 
 from spinquant_onnx.core.equivalence import compare_models
-from spinquant_onnx.core.pipeline import analyze, convert
+from spinquant_onnx.core.pipeline import convert
 from spinquant_onnx.errors import InputError, UnsupportedGraphError
+from spinquant_onnx.match.analysis import analyze
 from spinquant_onnx.match.role_map import export_roles
 
 

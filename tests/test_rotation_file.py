@@ -12,8 +12,9 @@ from onnx import numpy_helper
 
 from spinquant_onnx.cli import main
 from spinquant_onnx.core.equivalence import compare_models
-from spinquant_onnx.core.pipeline import apply_spinquant, convert
+from spinquant_onnx.core.pipeline import convert
 from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedGraphError, UnsupportedSizeError
+from spinquant_onnx.integrations.dispatch import apply_spinquant
 from spinquant_onnx.io.torch_pickle import save_torch
 from spinquant_onnx.rotation.learned_file import load_rotation_file
 

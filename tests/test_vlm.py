@@ -17,8 +17,8 @@ import pytest
 from onnx import helper
 
 from spinquant_onnx.cli import main
-from spinquant_onnx.core.pipeline import apply_spinquant
 from spinquant_onnx.errors import UnsupportedGraphError
+from spinquant_onnx.integrations.dispatch import apply_spinquant
 from spinquant_onnx.integrations.vlm import apply_vlm, convert_vlm
 from spinquant_onnx.io.torch_pickle import load_torch
 

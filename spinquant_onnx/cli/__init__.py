@@ -74,8 +74,8 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from spinquant_onnx.cli.inspect import render
-    from spinquant_onnx.core.pipeline import analyze
     from spinquant_onnx.io.model_file import load_model
+    from spinquant_onnx.match.analysis import analyze
 
     path = Path(args.input)
     analysis = analyze(load_model(path), path.parent)

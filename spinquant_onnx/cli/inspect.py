@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spinquant_onnx.core.pipeline import Analysis
+from spinquant_onnx.match.analysis import Analysis
 from spinquant_onnx.match.linears import Linear
 
 

@@ -1,212 +1,64 @@
-"""Python entry points: ``convert`` (file to file), ``apply_spinquant`` (a model in memory), ``analyze``."""
+"""The one pipeline every entry point runs: preflight, plan, gate, staged write, validation, one commit.
+
+``convert`` (file to file) and ``apply_spinquant`` (a model in memory, or an AIMET sim) are here; the VLM
+entry points (``integrations.vlm``) use the same steps for their three pieces. In memory, "staged write"
+is computing every new tensor before the first initializer is overwritten, and "commit" is that overwrite.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
+from spinquant_onnx.core import gate
 from spinquant_onnx.core import preflight as checks
-from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedSizeError, ValidationFailedError
-from spinquant_onnx.graph.index import GraphIndex
-from spinquant_onnx.io.model_file import (
-    TensorStore,
-    commit_output,
-    discard_output,
-    external_files,
-    load_model,
-    output_data_name,
-    save_model,
-    set_tensor_data,
-    staging_dir,
-    uses_external_data,
-)
-from spinquant_onnx.match.heads import attention_sites
-from spinquant_onnx.match.residual import Stream, trace_stream
-from spinquant_onnx.match.role_map import import_roles
-from spinquant_onnx.match.roles import Roles, assign_roles
-from spinquant_onnx.rewrite.fuse_norms import plan_norm_fusion
+from spinquant_onnx.core.memory import check_load_memory
+from spinquant_onnx.core.options import PRECISIONS, Options
+from spinquant_onnx.core.report import Report, rewritten_tensors
+from spinquant_onnx.errors import InputError, SpinQuantError, ValidationFailedError
+from spinquant_onnx.io.model_file import external_files, load_model, save_model, set_tensor_data, uses_external_data
+from spinquant_onnx.io.staging import Staged, commit_all, discard_output, output_data_name, staging_dir
+from spinquant_onnx.io.tensor_store import TensorStore
+from spinquant_onnx.match.analysis import Analysis, analyze
+from spinquant_onnx.rewrite.base import PassContext, run_passes
 from spinquant_onnx.rewrite.plan import TensorPlan
-from spinquant_onnx.rewrite.rotate_r1 import insert_online_entries, insert_online_writes, plan_r1
-from spinquant_onnx.rewrite.rotate_r2 import plan_r2
-from spinquant_onnx.rewrite.rotate_r3 import insert_r3, prepare_r3
-from spinquant_onnx.rewrite.rotate_r4 import insert_r4, prepare_r4
-from spinquant_onnx.rotation.kinds import KINDS, Rotation, make_rotation
-from spinquant_onnx.rotation.learned_file import LearnedRotations, load_rotation_file
+from spinquant_onnx.rotation.learned_file import load_rotation_file
 
-PRECISIONS = {"float64": np.float64, "float32": np.float32}
+__all__ = ["Analysis", "Options", "Report", "analyze", "apply_model", "convert", "plan_model"]
 
 
-@dataclass
-class Options:
-    """What to do. Defaults are what a user who asked for nothing in particular should get."""
-
-    rotation: str = "hadamard"
-    seed: int = 0
-    block_size: int | None = None
-    validate: bool = False
-    providers: list[str] | None = None
-    threshold: float = 1e-4
-    in_place: bool = False
-    roles: Any = None
-    trust_roles: bool = False
-    precision: str = "float64"
-    # Stream entries that are graph inputs (inputs_embeds): rotate them "online" (a MatMul node), or leave
-    # them to the caller, who rotates what feeds them ("external": the VLM path rotates the table itself).
-    entries: str = "online"
-    r2: bool = False
-    r3: bool = False
-    r4: bool = False
-    rotation_file: str | os.PathLike | None = None
-
-    def __post_init__(self) -> None:
-        if self.rotation not in KINDS:
-            raise SpinQuantError(f"unknown rotation '{self.rotation}': choose one of {', '.join(KINDS)}")
-        if self.precision not in PRECISIONS:
-            raise SpinQuantError(f"unknown precision '{self.precision}': choose float64 or float32")
+# ----------------------------------------------------------------------------------------------- plan
 
 
-@dataclass
-class Analysis:
-    """What the matcher found in a model."""
-
-    model: onnx.ModelProto
-    store: TensorStore
-    index: GraphIndex
-    stream: Stream
-    roles: Roles
-
-
-@dataclass
-class Report:
-    """What a run did, in a form that serializes to the JSON report."""
-
-    input: str | None
-    output: str | None
-    hidden: int
-    rotation: dict[str, Any]
-    norms_fused: int
-    weights_rotated: int
-    tensors_rewritten: list[dict[str, str]]
-    blocks: int
-    validation: dict[str, Any] | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    online_rotations: list[dict[str, str]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "tool": "spinquant-onnx",
-            "input": self.input,
-            "output": self.output,
-            "hidden_size": self.hidden,
-            "rotation": self.rotation,
-            "blocks": self.blocks,
-            "norms_fused": self.norms_fused,
-            "weight_uses_rotated": self.weights_rotated,
-            "tensors_rewritten": self.tensors_rewritten,
-            "online_rotations": self.online_rotations,
-            "validation": self.validation,
-            "timings_s": self.timings,
-        }
-
-
-def analyze(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None, roles: Any = None) -> Analysis:
-    """Run the matcher: the residual stream, its norms, readers and writers, and each weight's role.
-
-    ``roles`` (a role-map dict or JSON path, see ``inspect --json``) replaces matching with a checked map.
-    """
-    store = TensorStore(model, base_dir)
-    index = GraphIndex(model, store)
-    if roles is not None:
-        stream, found = import_roles(index, roles)
-        return Analysis(model, store, index, stream, found)
-    stream = trace_stream(index)
-    return Analysis(model, store, index, stream, assign_roles(index, stream))
-
-
-def _plan(analysis: Analysis, options: Options) -> tuple[TensorPlan, Report]:
+def plan_model(analysis: Analysis, options: Options) -> tuple[TensorPlan, Report, PassContext]:
+    """Run every registered pass (all checks, then plan and insert); the plan, the report, and the context."""
     learned = load_rotation_file(options.rotation_file) if options.rotation_file is not None else None
-    if learned is not None and learned.r1 is not None:
-        rotation = learned.r1_for(analysis.stream.hidden)
-    else:
-        rotation = make_rotation(options.rotation, analysis.stream.hidden, options.seed, options.block_size)
-    plan = TensorPlan(work=PRECISIONS[options.precision])
-    fused = plan_norm_fusion(analysis.stream, analysis.store, plan)
-    rotated = plan_r1(analysis.stream, rotation, plan)
-    online = insert_online_writes(analysis.index, analysis.stream, rotation)
-    if options.entries == "online":
-        online += insert_online_entries(analysis.index, analysis.stream, rotation)
-    extra = plan_r2_r3_r4(analysis.index, analysis.roles, plan, options, learned)
-    plan.finalize(analysis.index)
-    rewritten = [
-        {
-            "tensor": t.name,
-            "source": t.source,
-            "role": t.role,
-            "ops": " then ".join(
-                f"{op.kind}(axis {op.axis})" if op.kind != "fill" else f"fill({op.value:g})" for op in t.ops
-            ),
-        }
-        for t in plan.targets.values()
-    ]
+    ctx = PassContext(analysis, TensorPlan(work=PRECISIONS[options.precision]), options, learned)
+    run_passes(ctx)
+    ctx.plan.finalize(analysis.index)
     report = Report(
         input=None,
         output=None,
         hidden=analysis.stream.hidden,
-        rotation={**rotation.describe(), "precision": options.precision},
-        norms_fused=fused,
-        weights_rotated=rotated,
-        tensors_rewritten=rewritten,
+        rotation={**ctx.rotation.describe(), "precision": options.precision},
+        norms_fused=ctx.counts["norms_fused"],
+        weights_rotated=ctx.counts["weights_rotated"],
+        tensors_rewritten=rewritten_tensors(ctx.plan),
         blocks=len(analysis.roles.blocks),
-        online_rotations=[o.describe() for o in online] + extra.pop("online"),
+        online_rotations=ctx.online,
     )
-    report.rotation.update(extra)
-    return plan, report
-
-
-def plan_r2_r3_r4(
-    index: GraphIndex, roles: Roles, plan: TensorPlan, options: Options, learned: LearnedRotations | None
-) -> dict[str, Any]:
-    """R2 (weights), R3 and R4 (online nodes) as asked; what was done, for the report."""
-    done: dict[str, Any] = {"online": []}
-    use_r2 = options.r2 or (learned is not None and learned.has_r2)
-    if not (use_r2 or options.r3 or options.r4):
-        return done
-    sites = attention_sites(index, roles) if use_r2 or options.r3 else []
-    if use_r2:
-        if learned is not None and learned.has_r2:
-            learned.check_layers([site.block for site in sites])
-            rotation_for = learned.r2_for
-        else:
-            rotation_for = functools.partial(_generated_r2, options)
-        done["r2"] = plan_r2(index, sites, rotation_for, plan)
-    r3 = prepare_r3(index, sites) if options.r3 else None  # every check before the first node goes in
-    r4 = prepare_r4(roles) if options.r4 else None
-    if r3 is not None:
-        done["r3"] = insert_r3(index, r3)
-        done["online"] += [entry[side] for entry in done["r3"] for side in ("queries", "keys")]
-    if r4 is not None:
-        done["r4"] = insert_r4(index, r4, plan)
-        done["online"] += done["r4"]
-    if learned is not None:
-        done["rotation_file"] = learned.describe()
-    return done
-
-
-def _generated_r2(options: Options, block: int, head_dim: int) -> Rotation:
-    try:
-        return make_rotation(options.rotation, head_dim, options.seed)
-    except UnsupportedSizeError as exc:
-        raise UnsupportedSizeError(f"R2 (order head_dim = {head_dim}): {exc}") from None
+    report.rotation.update(ctx.done)
+    if learned is not None and (ctx.uses_r2 or options.r3 or options.r4):
+        report.rotation["rotation_file"] = learned.describe()
+    return ctx.plan, report, ctx
 
 
 def input_dim_hints(analysis: Analysis) -> dict[str, int]:
@@ -215,7 +67,7 @@ def input_dim_hints(analysis: Analysis) -> dict[str, int]:
     The head size comes from the matched attention geometry; a model where none is found needs no hint.
     """
     try:
-        sites = attention_sites(analysis.index, analysis.roles)
+        sites = analysis.sites
     except SpinQuantError:
         return {}
     if not sites:
@@ -228,7 +80,7 @@ def input_dim_hints(analysis: Analysis) -> dict[str, int]:
     return hints
 
 
-def _as_model_proto(target: Any) -> onnx.ModelProto:
+def as_model_proto(target: Any) -> onnx.ModelProto:
     """A ModelProto, or an object carrying one as AIMET's QuantizationSimModel does (``.model.model``)."""
     if isinstance(target, onnx.ModelProto):
         return target
@@ -240,35 +92,11 @@ def _as_model_proto(target: Any) -> onnx.ModelProto:
     )
 
 
-def apply_spinquant(
-    model: Any, visual: Any = None, embedding: Any = None, *, visual_sim: Any = None, **options: Any
-) -> Report:
-    """Rewrite ``model`` (an ``onnx.ModelProto`` with its weights loaded) in place; returns the report.
+# ------------------------------------------------------------------------------------------ in memory
 
-    With ``visual`` (the VLM's visual encoder) or ``embedding`` (its [vocab, hidden] table, numpy or
-    torch), all pieces are rotated consistently by ``vlm.apply_vlm``, which returns a ``vlm.VlmReport``.
 
-    Nothing is changed unless every step succeeds: the plan is computed first, every new tensor is
-    computed next, and only then are the initializers overwritten. ``model`` may also be an AIMET
-    ``QuantizationSimModel`` (anything with a ModelProto at ``.model.model``): see ``quantsim.apply_to_sim``
-    for what is checked, ``reset_encodings=True``, and the session rebuild.
-    """
-    if visual_sim is not None:  # AIMET's spelling of the same argument
-        if visual is not None:
-            raise SpinQuantError("pass the visual encoder once: visual= or visual_sim=, not both")
-        visual = visual_sim
-    if visual is not None or embedding is not None:
-        from spinquant_onnx.integrations.vlm import apply_vlm
-
-        return apply_vlm(model, visual=visual, embedding=embedding, **options)
-    from spinquant_onnx.integrations.aimet import apply_to_sim, is_quantsim
-
-    if is_quantsim(model):
-        return apply_to_sim(model, apply_spinquant, **options)
-    opts = Options(**options)
-    if opts.validate:
-        raise SpinQuantError("validate=True needs the original model; use convert() or validate.compare_models")
-    proto = _as_model_proto(model)
+def check_in_memory(proto: onnx.ModelProto, opts: Options) -> None:
+    """Preflight of an in-memory run (after ``validate=True`` was refused): a checked role map, weights loaded."""
     if opts.roles is not None and not opts.trust_roles:
         raise SpinQuantError(
             "a role map in memory cannot be validated here; use convert(..., roles=...) or pass trust_roles=True"
@@ -278,23 +106,21 @@ def apply_spinquant(
             "model has external data that is not loaded; load it with onnx.load(path) first "
             "or use spinquant_onnx.convert(in_path, out_path)"
         )
-    started = time.perf_counter()
-    graph = proto.graph
-    # Planning edits nodes (untied copies, online rotations): keep the node list to restore on any failure.
-    # Initializer values are only overwritten after every new value has been computed and checked.
+
+
+@contextlib.contextmanager
+def restored_on_failure(graph: onnx.GraphProto) -> Iterator[None]:
+    """On any exception, drop inserted nodes and initializers and restore the original nodes *in place*.
+
+    Planning edits nodes (untied copies, online rotations); holders such as an AIMET sim keep references
+    to these node objects, so they are restored rather than replaced.
+    """
     originals = list(graph.node)
     saved_nodes = [onnx.NodeProto.FromString(node.SerializeToString()) for node in originals]
     initializer_count = len(graph.initializer)
     try:
-        analysis = analyze(proto, roles=opts.roles)
-        plan, report = _plan(analysis, opts)
-        checks.check_plan(proto, analysis.store, plan)
-        checks.check_small_sources_finite(analysis.store, plan)
-        compute = checks.checked_values(plan, analysis.store)
-        values = {name: compute(name) for name in plan.targets}
+        yield
     except BaseException:
-        # Drop inserted nodes and restore the original ones *in place*: holders such as an AIMET sim keep
-        # references to these node objects.
         kept = {id(node) for node in originals}
         for position in reversed(range(len(graph.node))):
             if id(graph.node[position]) not in kept:
@@ -303,11 +129,45 @@ def apply_spinquant(
             node.CopyFrom(saved)
         del graph.initializer[initializer_count:]
         raise
+
+
+def stage_in_memory(proto: onnx.ModelProto, store: TensorStore, plan: TensorPlan) -> dict[str, Any]:
+    """Gate, then every new tensor computed and checked (nothing overwritten yet): the in-memory staged write."""
+    gate.check_output(proto)
+    checks.check_plan(proto, store, plan)
+    checks.check_small_sources_finite(store, plan)
+    compute = checks.checked_values(plan, store)
+    return {name: compute(name) for name in plan.targets}
+
+
+def commit_in_memory(store: TensorStore, values: dict[str, Any]) -> None:
+    """The in-memory commit: overwrite the initializers with the staged values."""
     for name, array in values.items():
-        set_tensor_data(analysis.store.tensors[name], array)
+        set_tensor_data(store.tensors[name], array)
+
+
+def apply_model(model: Any, *, analysis: Analysis | None = None, **options: Any) -> Report:
+    """Rewrite a ModelProto (weights loaded) in place; the core of ``apply_spinquant``.
+
+    Nothing is changed unless every step succeeds: the plan is computed first, every new tensor is
+    computed next, and only then are the initializers overwritten. ``analysis`` reuses a matcher run.
+    """
+    opts = Options(**options)
+    if opts.validate:
+        raise SpinQuantError("validate=True needs the original model; use convert() or validate.compare_models")
+    proto = as_model_proto(model)
+    check_in_memory(proto, opts)
+    started = time.perf_counter()
+    with restored_on_failure(proto.graph):
+        analysis = analysis if analysis is not None else analyze(proto, roles=opts.roles)
+        plan, report, _ = plan_model(analysis, opts)
+        values = stage_in_memory(proto, analysis.store, plan)
+    commit_in_memory(analysis.store, values)
     report.timings["total"] = round(time.perf_counter() - started, 4)
     return report
 
+
+# ----------------------------------------------------------------------------------------------- files
 
 PROGRESS_MIN_BYTES = 256 << 20
 
@@ -325,6 +185,68 @@ def _progress_bar(model: onnx.ModelProto, store: TensorStore, label: str) -> Ite
         yield bar.update
 
 
+@dataclass
+class Output:
+    """One file a run writes: ``write(staging_folder)`` returns the staged files, the main one first.
+
+    ``model`` is the ONNX graph written (gated before anything is written); None for a plain file.
+    """
+
+    path: Path
+    write: Callable[[Path], list[Path]]
+    model: onnx.ModelProto | None = None
+
+
+def model_output(
+    model: onnx.ModelProto, store: TensorStore, plan: TensorPlan, out_path: Path, progress_label: str | None = None
+) -> Output:
+    """An ``Output`` that streams ``model`` with the plan's checked values into the staging folder."""
+
+    def write(staging: Path) -> list[Path]:
+        label = progress_label or f"rotating {out_path.name}"
+        with _progress_bar(model, store, label) as progress:
+            return save_model(
+                model,
+                staging / out_path.name,
+                checks.checked_values(plan, store),
+                external=True if uses_external_data(model) else None,
+                data_name=output_data_name(out_path),
+                progress=progress,
+            )
+
+    return Output(out_path, write, model)
+
+
+def write_outputs(
+    outputs: list[Output],
+    protect: set[Path] | tuple[()] = (),
+    validate: Callable[[dict[Path, list[Path]]], None] | None = None,
+) -> None:
+    """Gate every model, stage every output, validate them (``validate(staged)``), then commit them together.
+
+    A failure anywhere leaves no output and no staging folder behind.
+    """
+    for output in outputs:
+        if output.model is not None:
+            gate.check_output(output.model)
+    stagings: list[Path] = []
+    try:
+        staged: dict[Path, list[Path]] = {}
+        for output in outputs:
+            stagings.append(staging_dir(output.path))
+            staged[output.path] = output.write(stagings[-1])
+        if validate is not None:
+            validate(staged)
+        commit_all([Staged(files, path, model=_is_model(outputs, path)) for path, files in staged.items()], protect)
+    finally:
+        for staging in stagings:
+            discard_output(staging)
+
+
+def _is_model(outputs: list[Output], path: Path) -> bool:
+    return next(o for o in outputs if o.path == path).model is not None
+
+
 def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: Any) -> Report:
     """Read ``in_path``, rotate, optionally validate, and write ``out_path`` atomically.
 
@@ -334,7 +256,7 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
     opts = Options(**options)
     in_path, out_path = Path(in_path), Path(out_path)
     checks.check_output_path(in_path, out_path, in_place=opts.in_place)
-    checks.check_load_memory(in_path)
+    check_load_memory(in_path)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     model = load_model(in_path)
@@ -343,41 +265,39 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
     analysis = analyze(model, in_path.parent, roles=opts.roles)
     if opts.roles is not None and not opts.trust_roles:
         opts.validate = True  # a hand-edited map may assert what the graph does not do: check the result
-    plan, report = _plan(analysis, opts)
+    plan, report, _ = plan_model(analysis, opts)
     checks.preflight(model, analysis.store, plan, in_path.stat().st_size, validate=opts.validate)
     timings["analyze"] = round(time.perf_counter() - started, 4)
-    staging = staging_dir(out_path)
-    try:
-        mark = time.perf_counter()
-        with _progress_bar(model, analysis.store, f"rotating {in_path.name}") as progress:
-            staged = save_model(
-                model,
-                staging / out_path.name,
-                checks.checked_values(plan, analysis.store),
-                external=True if uses_external_data(model) else None,
-                data_name=output_data_name(out_path),
-                progress=progress,
-            )
+    mark = time.perf_counter()
+
+    def validate(staged: dict[Path, list[Path]]) -> None:
         timings["rotate_and_write"] = round(time.perf_counter() - mark, 4)
         if opts.validate:
-            from spinquant_onnx.core.equivalence import compare_models
+            report.validation = _validate(in_path, staged[out_path][0], analysis, opts, timings)
 
-            mark = time.perf_counter()
-            result = compare_models(in_path, staged[0], providers=opts.providers, threshold=opts.threshold,
-                                    own_cache=bool(opts.r2 or opts.r3 or opts.rotation_file),
-                                    dims=input_dim_hints(analysis))
-            timings["validate"] = round(time.perf_counter() - mark, 4)
-            report.validation = result.to_dict()
-            if not result.passed:
-                raise ValidationFailedError(
-                    f"validation failed: logits relative L2 {result.rel_l2:.3g} "
-                    f"(threshold {opts.threshold:g}), "
-                    f"argmax agreement {result.argmax_agreement:.4f}; no output written"
-                )
-        commit_output(staged, out_path, protect=() if opts.in_place else input_files)
-    except BaseException:
-        discard_output(staging)
-        raise
+    write_outputs(
+        [model_output(model, analysis.store, plan, out_path, f"rotating {in_path.name}")],
+        protect=() if opts.in_place else input_files,
+        validate=validate,
+    )
     timings["total"] = round(time.perf_counter() - started, 4)
     report.input, report.output, report.timings = str(in_path), str(out_path), timings
     return report
+
+
+def _validate(in_path: Path, staged: Path, analysis: Analysis, opts: Options, timings: dict[str, float]
+              ) -> dict[str, Any]:
+    from spinquant_onnx.core.equivalence import compare_models
+
+    mark = time.perf_counter()
+    result = compare_models(in_path, staged, providers=opts.providers, threshold=opts.threshold,
+                            own_cache=bool(opts.r2 or opts.r3 or opts.rotation_file),
+                            dims=input_dim_hints(analysis))
+    timings["validate"] = round(time.perf_counter() - mark, 4)
+    if not result.passed:
+        raise ValidationFailedError(
+            f"validation failed: logits relative L2 {result.rel_l2:.3g} "
+            f"(threshold {opts.threshold:g}), "
+            f"argmax agreement {result.argmax_agreement:.4f}; no output written"
+        )
+    return result.to_dict()

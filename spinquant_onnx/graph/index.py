@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from spinquant_onnx.io.model_file import TensorStore
+from spinquant_onnx.graph.ops import SHAPE_ONLY_OPS, TRANSPARENT_OPS
+from spinquant_onnx.io.tensor_store import TensorStore
 
-# Ops that pass a tensor through unchanged in value (for our purposes): a matcher looks through them.
-# QcQuantizeOp is AIMET's quantizer node; with quantizers disabled or not yet calibrated it is an identity.
-TRANSPARENT_OPS = frozenset({"Identity", "Cast", "QcQuantizeOp"})
-# Ops whose output does not depend on the values of their input.
-SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 SMALL_CONSTANT = 4096
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,16 @@ class GraphIndex:
         self.value_info = {
             v.name: v for v in list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)
         }
+        self._memo: dict[str, tuple[int, Any]] = {}
+
+    def cached(self, key: str, compute: Callable[[], T]) -> T:
+        """``compute()`` once per graph state: recomputed after a rewrite adds or removes nodes."""
+        state = len(self.graph.node)
+        hit = self._memo.get(key)
+        if hit is None or hit[0] != state:
+            hit = (state, compute())
+            self._memo[key] = hit
+        return hit[1]
 
     def rebuild(self) -> GraphIndex:
         return GraphIndex(self.model, self.store)
@@ -177,6 +186,17 @@ class GraphIndex:
             if attribute.name == name:
                 return onnx.helper.get_attribute_value(attribute)
         return default
+
+
+def per_graph_state(func: Callable[[GraphIndex], T]) -> Callable[[GraphIndex], T]:
+    """Decorate a matcher ``f(index)`` so that its result is computed once per graph state (``GraphIndex.cached``)."""
+    key = f"{func.__module__}.{func.__qualname__}"
+
+    @functools.wraps(func)
+    def wrapper(index: GraphIndex) -> T:
+        return index.cached(key, lambda: func(index))
+
+    return wrapper
 
 
 def node_label(node: onnx.NodeProto) -> str:

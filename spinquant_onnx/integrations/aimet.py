@@ -25,6 +25,8 @@ from typing import Any
 import onnx
 
 from spinquant_onnx.errors import SpinQuantError
+from spinquant_onnx.match.analysis import analyze
+from spinquant_onnx.match.residual import Stream
 
 QUANTIZER_OP = "QcQuantizeOp"
 RESET_OPTION = "reset_encodings"
@@ -111,17 +113,14 @@ def _check_private_weights(model: onnx.ModelProto) -> None:
             )
 
 
-def check_no_online_nodes(model: onnx.ModelProto, options: dict[str, Any]) -> None:
+def check_no_online_nodes(stream: Stream, options: dict[str, Any]) -> None:
     """Refuse, before anything changes, a rotation that would insert MatMul nodes into the sim's graph.
 
     R3/R4, a sandwich norm's write and an ``inputs_embeds`` entry are rotated online; inside a sim the new
     node would land between a tensor and its quantizer, which AIMET then files under the wrong tensor name
     (and its R matrix would be unquantized). Rotating the float model first lets AIMET place every quantizer.
     """
-    from spinquant_onnx.core.pipeline import analyze  # api imports this module lazily: no cycle at import time
-
     reasons = [f"{name.upper()} (online by design)" for name in ("r3", "r4") if options.get(name)]
-    stream = analyze(model, roles=options.get("roles")).stream
     reasons += [f"the write after sandwich norm {e.online_norm.label}" for e in stream.writers if e.online is not None]
     if options.get("entries", "online") == "online":
         reasons += [f"the residual-stream graph input '{entry}'" for entry in stream.entries]
@@ -176,16 +175,17 @@ def rebuild_session(sim: Any) -> bool:
 
 
 def apply_to_sim(sim: Any, apply: Callable[..., Any], **options: Any) -> Any:
-    """Rotate the float weights inside ``sim`` with ``apply`` (the ModelProto entry point), keep its quantizers.
+    """Rotate the float weights inside ``sim`` with ``apply`` (``core.pipeline.apply_model``), keep its quantizers.
 
     ``reset_encodings=True`` allows a sim that already has encodings: they are reset after the rewrite.
     """
     reset = bool(options.pop(RESET_OPTION, False))
     model = model_proto_of(sim)
     to_reset = check_sim(sim, reset)
-    check_no_online_nodes(model, options)
+    analysis = analyze(model, roles=options.get("roles"))  # built once: the rotation below reuses it
+    check_no_online_nodes(analysis.stream, options)
     before = quantizer_nodes(model)
-    report = apply(model, **options)
+    report = apply(model, analysis=analysis, **options)
     after = quantizer_nodes(model)
     if after != before:
         raise SpinQuantError(

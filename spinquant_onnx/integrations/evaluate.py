@@ -11,6 +11,7 @@ export script writes ``tokens.npy``), so this module needs neither torch nor a t
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import tempfile
@@ -26,6 +27,7 @@ from onnx import TensorProto, helper
 
 from spinquant_onnx.errors import InputError
 from spinquant_onnx.io.model_file import load_model
+from spinquant_onnx.match.analysis import Analysis, analyze
 
 ROWS = ("float", "w8a8", "w8a8-int", "w4-128", "w4-32")
 DEFAULT_ROWS = ("float", "w8a8", "w4-128", "w4-32")
@@ -179,21 +181,17 @@ def score(session: Any, windows: np.ndarray, extra_outputs: Sequence[str] = ()) 
 # -------------------------------------------------------------------------------------- graph helpers
 
 
-def residual_points(model: onnx.ModelProto, base_dir: Path) -> list[str]:
+def residual_points(analysis: Analysis) -> list[str]:
     """The residual stream after the embedding and after every residual Add, in graph order."""
-    from spinquant_onnx.core.pipeline import analyze
-
-    stream = analyze(model, base_dir).stream
+    stream = analysis.stream
     points = [stream.embedding.output] if stream.embedding is not None else list(stream.entries)
     points += [e.add.output[0] for e in stream.writers if e.add is not None and e.add.op_type == "Add"]
     return points
 
 
-def lm_head_nodes(model: onnx.ModelProto, base_dir: Path) -> list[str]:
+def lm_head_nodes(analysis: Analysis) -> list[str]:
     """Names of the lm_head linears (readers of the final norm)."""
-    from spinquant_onnx.core.pipeline import analyze
-
-    roles = analyze(model, base_dir).roles
+    roles = analysis.roles
     return [entry.linear.node.name for entry in roles.final.readers] if roles.final is not None else []
 
 
@@ -352,15 +350,16 @@ def evaluate_model(
     graph = load_model(path)
     _check_vocab(graph, path, tokens[: scored.size + calibration.size])
     name_nodes(graph)
+    analysis = functools.cache(lambda: analyze(graph, path.parent))  # matched once, only if a row needs it
     keep_float = online_nodes(graph)
     if not config.quantize_lm_head:
-        keep_float += lm_head_nodes(graph, path.parent)
+        keep_float += lm_head_nodes(analysis())
     with tempfile.TemporaryDirectory(prefix="spinquant_eval_") as tmp:
         for row in config.rows:
             started = time.perf_counter()
             say(f"[{label}] {ROW_LABELS[row]} ...")
             if row == "float":
-                result.nll[row] = _score_float(path, scored, config, result)
+                result.nll[row] = _score_float(path, scored, config, result, analysis)
             else:
                 quantized = _quantized(row, path, Path(tmp), calibration, keep_float)
                 with _session(quantized, config.providers, reference_qdq=row == "w8a8") as session:
@@ -382,13 +381,15 @@ def _check_vocab(graph: onnx.ModelProto, path: Path, used: np.ndarray) -> None:
         )
 
 
-def _score_float(path: Path, scored: np.ndarray, config: EvalConfig, result: ModelResult) -> float:
+def _score_float(
+    path: Path, scored: np.ndarray, config: EvalConfig, result: ModelResult, analysis: Callable[[], Analysis]
+) -> float:
     """Float NLL; with ``config.activations``, the residual stream's per-channel max |x| in the same pass."""
     if not config.activations:
         with _session(path, config.providers) as session:
             return score(session, scored).nll
     model = _load_full(path)
-    points = residual_points(model, path.parent)
+    points = residual_points(analysis())  # tensor names: the same in the full model as in ``graph``
     with _session(with_outputs(model, points), config.providers) as session:
         outcome = score(session, scored, points)
     result.residual_absmax, result.residual_points = outcome.absmax, points

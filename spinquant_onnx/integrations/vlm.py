@@ -13,11 +13,13 @@ whatever produces those values writes into the stream and must be rotated with t
   alone (rotating it too would apply R1 twice).
 
 A backbone that gathers its own embeddings and is also given an external table is refused: the table would
-be rotated twice. The backbone itself is planned by the core (``api._plan``: norm fusion and R1).
+be rotated twice. The backbone itself is planned by the core (``core.pipeline.plan_model``: the passes,
+with stream entries left to this module), and every piece goes through the core's pipeline steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -32,31 +34,31 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from spinquant_onnx.core import pipeline as api
+from spinquant_onnx.core import gate
 from spinquant_onnx.core import preflight as checks
-from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedGraphError, ValidationFailedError
-from spinquant_onnx.graph.index import TRANSPARENT_OPS, GraphIndex, node_label
-from spinquant_onnx.io.model_file import (
-    TensorStore,
-    commit_output,
-    discard_output,
-    external_files,
-    load_model,
-    output_data_name,
-    save_model,
-    set_tensor_data,
-    staging_dir,
-    uses_external_data,
+from spinquant_onnx.core.memory import check_load_memory
+from spinquant_onnx.core.options import Options
+from spinquant_onnx.core.pipeline import (
+    Output,
+    as_model_proto,
+    model_output,
+    plan_model,
+    restored_on_failure,
+    write_outputs,
 )
+from spinquant_onnx.core.report import Report
+from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedGraphError, ValidationFailedError
+from spinquant_onnx.graph.index import GraphIndex, node_label
+from spinquant_onnx.graph.ops import ROW_OPS, TRANSPARENT_OPS
+from spinquant_onnx.io.model_file import external_files, load_model, set_tensor_data, uses_external_data
+from spinquant_onnx.io.tensor_store import TensorStore
 from spinquant_onnx.io.torch_pickle import load_torch, save_torch
+from spinquant_onnx.match.analysis import Analysis, analyze
 from spinquant_onnx.match.linears import Linear, linear_writing
 from spinquant_onnx.rewrite.online import OnlineRotation, insert_online_rotation
 from spinquant_onnx.rewrite.plan import TensorPlan, rotate, run_ops
 from spinquant_onnx.rotation.kinds import Rotation
 
-# Ops between a merger projection and a visual output that move whole rows of the hidden axis around
-# (window un-permutation, stacking, reshapes) and so commute with ``x -> x @ R`` on that axis.
-ROW_OPS = frozenset({"Gather", "Concat", "Reshape", "Unsqueeze", "Squeeze", "Transpose"})
 _SMALL_INT_BYTES = 1 << 16  # int64 initializers up to this size are copied for shape inference
 
 
@@ -90,9 +92,9 @@ class VisualPart:
 class VlmPlan:
     """Everything decided before any tensor is computed or written."""
 
-    analysis: api.Analysis
+    analysis: Analysis
     plan: TensorPlan
-    report: api.Report
+    report: Report
     rotation: Rotation
     mode: str  # "offline" (table and visual rotated) | "online" (MatMul on each entry) | "core" (no entries)
     entries: list[str]
@@ -103,7 +105,7 @@ class VlmPlan:
 class VlmReport:
     """The core report of the backbone plus what was done to the embedding table and the visual encoder."""
 
-    backbone: api.Report
+    backbone: Report
     mode: str
     entries: list[str]
     embedding: dict[str, Any] | None = None
@@ -132,7 +134,7 @@ class VlmReport:
 
 
 def plan_vlm(
-    analysis: api.Analysis, visual: VisualPart | None, table_shape: tuple[int, ...] | None, opts: api.Options
+    analysis: Analysis, visual: VisualPart | None, table_shape: tuple[int, ...] | None, opts: Options
 ) -> VlmPlan:
     """Decide the mode, check the pieces fit together, and plan the backbone (core) and the visual writers."""
     stream = analysis.stream
@@ -153,29 +155,16 @@ def plan_vlm(
             "rotate it alone with `spinquant-onnx rotate`"
         )
     _check_entry_readers(analysis, entries)
-    opts.entries = "external"  # this module rotates the entries itself: the table, or online below
-    plan, report = api._plan(analysis, opts)
-    rotation = _plan_rotation(plan)
+    # This module rotates the entries itself (the table, or online below); the caller's options stay as given.
+    plan, report, ctx = plan_model(analysis, dataclasses.replace(opts, entries="external"))
+    rotation = ctx.rotation  # the R1 the core planned with (generated or learned): every piece uses it
     mode = "core" if not entries else ("offline" if table_shape is not None else "online")
     if visual is not None and mode == "offline":
         _plan_visual(visual, rotation, stream.hidden, plan.work)
     return VlmPlan(analysis, plan, report, rotation, mode, entries, visual)
 
 
-def _plan_rotation(plan: TensorPlan) -> Rotation:
-    """The R1 object the core planned with (generated or learned), so every piece uses exactly that matrix."""
-    found = {
-        id(op.rotation): op.rotation
-        for target in plan.targets.values()
-        for op in target.ops
-        if op.kind == "rotate" and op.note == "R1"
-    }
-    if len(found) != 1:
-        raise SpinQuantError(f"the backbone plan holds {len(found)} R1 rotations; expected exactly one")
-    return next(iter(found.values()))
-
-
-def _check_entry_readers(analysis: api.Analysis, entries: list[str]) -> None:
+def _check_entry_readers(analysis: Analysis, entries: list[str]) -> None:
     """Each entry may only be read by the stream (a norm or a residual Add): anything else would see R1."""
     index, stream = analysis.index, analysis.stream
     norm_nodes = {id(node) for event in stream.norms for node in event.norm.nodes}
@@ -420,12 +409,12 @@ def apply_vlm(backbone: Any, visual: Any = None, embedding: Any = None, **option
 
     Nothing is changed unless every step succeeds: all new tensors are computed before any is written.
     """
-    opts = api.Options(**options)
+    opts = Options(**options)
     if opts.validate:
         raise SpinQuantError("validate=True needs the original models; use convert_vlm() (rotate-vlm --validate)")
     started = time.perf_counter()
-    proto = api._as_model_proto(backbone)
-    visual_proto = api._as_model_proto(visual) if visual is not None else None
+    proto = as_model_proto(backbone)
+    visual_proto = as_model_proto(visual) if visual is not None else None
     for which, model in (("backbone", proto), ("visual", visual_proto)):
         if model is not None and uses_external_data(model):
             raise InputError(
@@ -436,20 +425,23 @@ def apply_vlm(backbone: Any, visual: Any = None, embedding: Any = None, **option
     original = table.read() if table is not None else None
     if original is not None:
         _check_float(original, "embedding")
-    analysis = api.analyze(proto, roles=opts.roles)
-    part = _visual_part(visual_proto) if visual_proto is not None else None
-    vp = plan_vlm(analysis, part, original.shape if original is not None else None, opts)
-
-    backbone_values = {name: vp.plan.materialize(analysis.store, name) for name in vp.plan.targets}
-    visual_values = _visual_values(vp)
-    rotated_table = rotate_table(original, vp.rotation, vp.plan.work) if vp.mode == "offline" else None
+    with restored_on_failure(proto.graph):
+        analysis = analyze(proto, roles=opts.roles)
+        part = _visual_part(visual_proto) if visual_proto is not None else None
+        vp = plan_vlm(analysis, part, original.shape if original is not None else None, opts)
+        online = _insert_online(vp) if vp.mode == "online" else []
+        gate.check_output(proto)
+        if part is not None:
+            gate.check_output(part.model)
+        backbone_values = {name: vp.plan.materialize(analysis.store, name) for name in vp.plan.targets}
+        visual_values = _visual_values(vp)
+        rotated_table = rotate_table(original, vp.rotation, vp.plan.work) if vp.mode == "offline" else None
 
     for name, array in backbone_values.items():
         set_tensor_data(analysis.store.tensors[name], array)
     if part is not None:
         for name, array in visual_values.items():
             set_tensor_data(part.store.tensors[name], array)
-    online = _insert_online(vp) if vp.mode == "online" else []
     if rotated_table is not None:
         table.write(rotated_table)
     for target in (backbone, visual):
@@ -528,49 +520,46 @@ def convert_vlm(
     ``visual_feeds`` (a mapping or an .npz path) are inputs for the visual encoder used by ``validate``;
     without them its inputs are synthesized when all are float with static shapes, else its check is skipped.
     """
-    opts = api.Options(**options)
+    opts = Options(**options)
     started = time.perf_counter()
     paths = _Paths(backbone_path, visual_path, embedding_path, out_dir)
+    check_load_memory(paths.backbone)
     model = load_model(paths.backbone)
-    analysis = api.analyze(model, paths.backbone.parent, roles=opts.roles)
+    analysis = analyze(model, paths.backbone.parent, roles=opts.roles)
     part = None
     if paths.visual is not None:
+        check_load_memory(paths.visual)
         part = _visual_part(load_model(paths.visual), paths.visual.parent)
     key, table, contents = None, None, None
     if paths.embedding is not None:
         contents = load_torch(paths.embedding)
         key, table = _single_table(contents, paths.embedding)
     vp = plan_vlm(analysis, part, table.shape if table is not None else None, opts)
+    checks.preflight(model, analysis.store, vp.plan, paths.backbone.stat().st_size, validate=opts.validate)
+    if part is not None and part.plan is not None:
+        checks.preflight(part.model, part.store, part.plan, paths.visual.stat().st_size, validate=opts.validate)
     online = _insert_online(vp) if vp.mode == "online" else []
     report = _report(vp, table, online)
     report.timings["plan"] = round(time.perf_counter() - started, 4)
 
-    staged: list[tuple[list[Path], Path]] = []
-    stagings: list[Path] = []
-    try:
-        pieces = [(model, analysis.store, vp.plan, paths.backbone)]
-        if part is not None:
-            pieces.append((part.model, part.store, part.plan or TensorPlan(), paths.visual))
-        for piece_model, store, plan, path in pieces:
-            stagings.append(staging_dir(paths.out(path)))
-            staged.append((_save(piece_model, store, plan, stagings[-1], paths.out(path)), paths.out(path)))
-        if table is not None:
-            stagings.append(staging_dir(paths.out(paths.embedding)))
-            values = rotate_table(table, vp.rotation, vp.plan.work) if vp.mode == "offline" else table
-            written = values if key is None else {**contents, key: values}  # other entries kept as they were
-            staged_table = save_torch(stagings[-1] / paths.embedding.name, written)
+    outputs = [model_output(model, analysis.store, vp.plan, paths.out(paths.backbone))]
+    if part is not None:
+        outputs.append(model_output(part.model, part.store, part.plan or TensorPlan(), paths.out(paths.visual)))
+    if table is not None:
+        values = rotate_table(table, vp.rotation, vp.plan.work) if vp.mode == "offline" else table
+        written = values if key is None else {**contents, key: values}  # other entries kept as they were
+        name = paths.embedding.name
+        outputs.append(Output(paths.out(paths.embedding), lambda staging: [save_torch(staging / name, written)]))
+
+    def validate(staged: dict[Path, list[Path]]) -> None:
         report.timings["rotate_and_write"] = round(time.perf_counter() - started - report.timings["plan"], 4)
         if opts.validate:
             mark = time.perf_counter()
-            report.validation = validate_vlm(paths, staged, vp, _load_feeds(visual_feeds), opts)
+            pieces = [(files, o.path) for o in outputs if o.model is not None for files in [staged[o.path]]]
+            report.validation = validate_vlm(paths, pieces, vp, _load_feeds(visual_feeds), opts)
             report.timings["validate"] = round(time.perf_counter() - mark, 4)
-        for files, out_path in staged:
-            commit_output(files, out_path, protect=paths.inputs)
-        if table is not None:
-            os.replace(staged_table, paths.out(paths.embedding))
-    finally:
-        for staging in stagings:
-            discard_output(staging)
+
+    write_outputs(outputs, protect=paths.inputs, validate=validate)  # staged together, committed together
     report.outputs = {"backbone": str(paths.out(paths.backbone))}
     if paths.visual is not None:
         report.outputs["visual"] = str(paths.out(paths.visual))
@@ -611,16 +600,6 @@ class _Paths:
         return self.out_dir / path.name
 
 
-def _save(model: onnx.ModelProto, store: TensorStore, plan: TensorPlan, staging: Path, out_path: Path) -> list[Path]:
-    return save_model(
-        model,
-        staging / out_path.name,
-        checks.checked_values(plan, store),
-        external=True if uses_external_data(model) else None,
-        data_name=output_data_name(out_path),
-    )
-
-
 # ------------------------------------------------------------------------------------------ validation
 
 
@@ -639,7 +618,7 @@ def validate_vlm(
     staged: list[tuple[list[Path], Path]],
     vp: VlmPlan,
     visual_feeds: dict[str, np.ndarray] | None,
-    opts: api.Options,
+    opts: Options,
 ) -> dict[str, Any]:
     """Check each rotated piece against its original, feeding the rotated backbone rotated entry values.
 
@@ -674,7 +653,7 @@ def validate_vlm(
 
 
 def _validate_visual(
-    original: Path, rotated: Path, vp: VlmPlan, feeds: dict[str, np.ndarray] | None, opts: api.Options
+    original: Path, rotated: Path, vp: VlmPlan, feeds: dict[str, np.ndarray] | None, opts: Options
 ) -> dict[str, Any]:
     from spinquant_onnx.core.equivalence import run_model
 

@@ -3,19 +3,14 @@
 Initializers stored as external data are memory-mapped and read one at a time; the writer streams each
 rewritten tensor to disk as it is produced, so peak memory stays near the largest single tensor rather
 than the model's size. Output is written to a hidden staging folder beside the destination and renamed
-into place at the end (see ``commit_output``), so a failed or killed run leaves either the previous
+into place at the end (see ``io.staging``), so a failed or killed run leaves either the previous
 output or none, never a partial one. Every problem with the input file surfaces as one ``InputError``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import re
-import secrets
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -46,7 +41,6 @@ SUB_BYTE_BITS = {
     )
     if hasattr(TensorProto, name)
 }
-_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[A-Za-z0-9_]+\.partial$")
 
 
 def one_line(text: object) -> str:
@@ -292,68 +286,6 @@ def external_files(model: onnx.ModelProto, base_dir: Path) -> set[Path]:
     return {resolve_location(t, base_dir) for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
 
 
-class TensorStore:
-    """Lazy, read-only access to a model's initializers by name.
-
-    External tensors are memory-mapped from files inside ``base_dir``; a location that escapes that
-    folder (``..``, absolute paths, symlinks out) is refused so a hostile model cannot read other files.
-    """
-
-    def __init__(self, model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> None:
-        self.model = model
-        self.base_dir = Path(base_dir).resolve() if base_dir is not None else None
-        self.tensors: dict[str, TensorProto] = {t.name: t for t in model.graph.initializer}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.tensors[name].dims)
-
-    def dtype(self, name: str) -> np.dtype:
-        return np_dtype(self.tensors[name].data_type)
-
-    def nbytes(self, name: str) -> int:
-        return storage_nbytes(self.tensors[name].data_type, self.shape(name))
-
-    def array(self, name: str) -> np.ndarray:
-        """The tensor's values; a read-only memory map for external data."""
-        tensor = self.tensors[name]
-        if tensor.data_location == TensorProto.EXTERNAL:
-            return self._read_external(tensor)
-        dtype = self.dtype(name)
-        shape = self.shape(name)
-        if tensor.HasField("raw_data") and tensor.data_type not in SUB_BYTE_BITS and dtype.kind != "O":
-            expected = storage_nbytes(tensor.data_type, shape)
-            if len(tensor.raw_data) != expected:
-                raise InputError(
-                    f"initializer '{name}': {len(tensor.raw_data)} bytes of data for shape {list(shape)} "
-                    f"({expected} expected)"
-                )
-            return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(shape)
-        try:
-            return numpy_helper.to_array(tensor)
-        except Exception as exc:  # numpy_helper raises ValueError, TypeError, ... for malformed fields
-            raise InputError(f"initializer '{name}': cannot decode its data ({one_line(exc)})") from exc
-
-    def resolve_location(self, tensor: TensorProto) -> Path:
-        return resolve_location(tensor, self.base_dir)
-
-    def _read_external(self, tensor: TensorProto) -> np.ndarray:
-        path, offset, length = external_span(tensor, self.base_dir)
-        dtype = np_dtype(tensor.data_type)
-        shape = tuple(int(d) for d in tensor.dims)
-        if tensor.data_type in SUB_BYTE_BITS:
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                packed = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=shape)
-                packed.raw_data = handle.read(length)
-            return numpy_helper.to_array(packed)
-        if length == 0:
-            return np.zeros(shape, dtype=dtype)
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
-
-
 def set_tensor_data(tensor: TensorProto, values: np.ndarray) -> None:
     """Replace a TensorProto's values in place, keeping its name and element type."""
     dtype = np_dtype(tensor.data_type)
@@ -377,73 +309,6 @@ def _raw_bytes(values: np.ndarray, elem_type: int) -> bytes | memoryview:
 # ----------------------------------------------------------------------------------------------- writing
 
 TensorSource = Callable[[str], np.ndarray]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_staging(out_path: Path) -> list[Path]:
-    """Remove staging folders for ``out_path`` left by runs that were killed (their process is gone)."""
-    removed = []
-    with contextlib.suppress(OSError):
-        for entry in out_path.parent.iterdir():
-            found = _STAGING.match(entry.name)
-            if found and found["name"] == out_path.name and entry.is_dir() and not _pid_alive(int(found["pid"])):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
-    return removed
-
-
-def staging_dir(out_path: str | os.PathLike) -> Path:
-    """A fresh hidden folder beside ``out_path``: outputs are written and checked there, then moved.
-
-    Named ``.<out name>.<pid>-<random>.partial``; folders left by killed runs are removed here.
-    """
-    out_path = Path(out_path)
-    if out_path.is_dir():
-        raise SpinQuantError(f"{out_path}: output is an existing folder; give a file name such as model.onnx")
-    blocking = next((p for p in out_path.parents if p.exists() or p.is_symlink()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise SpinQuantError(f"{blocking}: is a file, not a folder; cannot write the output under it")
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_staging(out_path)
-        prefix = f".{out_path.name}.{os.getpid()}-"
-        return Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=out_path.parent))
-    except OSError as exc:
-        raise SpinQuantError(
-            f"{out_path.parent}: cannot write the output there ({one_line(exc.strerror or exc)})"
-        ) from exc
-
-
-def output_data_name(out_path: str | os.PathLike) -> str:
-    """Name for the output's external-data file: ``<out>.data`` unless a file of that name exists.
-
-    Never reusing an existing name means the model file's rename is the single commit point: until it
-    happens the previous output (or the input, with --in-place) still finds its own data file intact.
-    """
-    out_path = Path(out_path)
-    name = out_path.name + ".data"
-    while (out_path.parent / name).exists() or (out_path.parent / name).is_symlink():
-        name = f"{out_path.name}.{secrets.token_hex(4)}.data"
-    return name
-
-
-def _fsync(path: Path) -> None:
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
-    with contextlib.suppress(OSError):
-        fd = os.open(path, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def save_model(
@@ -529,41 +394,3 @@ def _save_model(
         handle.flush()
         os.fsync(handle.fileno())
     return written
-
-
-def commit_output(staged: list[Path], out_path: str | os.PathLike, protect: Iterable[str | os.PathLike] = ()) -> None:
-    """Move staged files into place; the model file's rename is the one moment the output changes.
-
-    Data files carry names no existing file has (``output_data_name``), so they are moved in first without
-    touching the previous output. After the model is renamed over ``out_path``, data files of earlier
-    versions (``<out>.data``, ``<out>.<hex>.data``) that the new model does not use are deleted, except
-    any in ``protect`` (the input's own files).
-    """
-    out_path = Path(out_path)
-    model_file, *data_files = staged
-    try:
-        for data in data_files:
-            os.replace(data, out_path.parent / data.name)
-        os.replace(model_file, out_path)
-        _fsync(out_path.parent)
-    except OSError as exc:
-        reason = one_line(exc.strerror or exc)
-        raise SpinQuantError(f"{out_path}: cannot move the output into place ({reason})") from exc
-    shutil.rmtree(model_file.parent, ignore_errors=True)
-    keep = {Path(p).resolve() for p in protect} | {(out_path.parent / d.name).resolve() for d in data_files}
-    for old in stale_data_files(out_path):
-        if old.resolve() not in keep:
-            with contextlib.suppress(OSError):
-                old.unlink()
-
-
-def stale_data_files(out_path: Path) -> list[Path]:
-    """Files named like this tool's data files for ``out_path``: ``<out>.data`` and ``<out>.<hex>.data``."""
-    pattern = re.compile(re.escape(out_path.name) + r"(\.[0-9a-f]{8})?\.data")
-    with contextlib.suppress(OSError):
-        return [p for p in out_path.parent.iterdir() if pattern.fullmatch(p.name) and not p.is_dir()]
-    return []
-
-
-def discard_output(staging: Path) -> None:
-    shutil.rmtree(staging, ignore_errors=True)

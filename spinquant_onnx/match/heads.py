@@ -15,12 +15,18 @@ import numpy as np
 import onnx
 
 from spinquant_onnx.errors import UnsupportedGraphError
-from spinquant_onnx.graph.index import TRANSPARENT_OPS, GraphIndex, node_label
+from spinquant_onnx.graph.index import GraphIndex, node_label
+from spinquant_onnx.graph.ops import (
+    FUSED_ATTENTION,
+    RANK_KEEPING_OPS,
+    SCALAR_SHAPE_OPS,
+    SHAPE_CARRY_OPS,
+    TRANSPARENT_OPS,
+)
 from spinquant_onnx.match.linears import Linear
 from spinquant_onnx.match.norms import NormMatch, find_norms
-from spinquant_onnx.match.roles import ATTENTION_OPS, Roles, SubBlock
+from spinquant_onnx.match.roles import Roles, SubBlock
 
-FUSED_ATTENTION = frozenset(ATTENTION_OPS)
 SEARCH_LIMIT = 40
 
 
@@ -92,7 +98,7 @@ def partial_values(index: GraphIndex, name: str, depth: int = 0) -> list[int | N
         return inner if inner is not None and len(inner) == 1 else [None]
     if node.op_type == "Shape":
         return _shape_values(index, node)
-    if node.op_type in ("Gather", "Squeeze", "ReduceProd", "Mul", "Add", "Div", "Sub") and _is_scalar_like(index, name):
+    if node.op_type in SCALAR_SHAPE_OPS and _is_scalar_like(index, name):
         return [None]
     shape = index.static_shape(name)  # any other 1-D int tensor of known length: values unknown
     return [None] * shape[0] if shape is not None and len(shape) == 1 and shape[0] is not None else None
@@ -160,7 +166,7 @@ def tensor_rank(index: GraphIndex, name: str, depth: int = 0) -> int | None:
         target = partial_values(index, node.input[1])
         inner = tensor_rank(index, node.input[0], depth + 1)
         return None if target is None or inner is None else max(len(target), inner)
-    if node.op_type in ("Concat", "Add", "Mul", "Sub", "Div", "Neg", "Cast", "Identity", "QcQuantizeOp", "Slice"):
+    if node.op_type in RANK_KEEPING_OPS:
         return tensor_rank(index, node.input[0], depth + 1)
     return None
 
@@ -168,7 +174,7 @@ def tensor_rank(index: GraphIndex, name: str, depth: int = 0) -> int | None:
 def _last_dim_source(index: GraphIndex, shape_tensor: str) -> tuple[str, int] | None:
     """(T, axis) when the last element of a shape tensor is ``T.shape[axis]`` read at run time."""
     node = index.producer.get(shape_tensor)
-    while node is not None and node.op_type in ("Concat", "Cast", "Unsqueeze"):
+    while node is not None and node.op_type in SHAPE_CARRY_OPS:
         node = index.producer.get(node.input[-1] if node.op_type == "Concat" else node.input[0])
     if node is None:
         return None

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import onnx
 
-from spinquant_onnx.graph.index import TRANSPARENT_OPS, GraphIndex, Use, node_label
-
-LINEAR_OPS = frozenset({"MatMul", "Gemm"})
+from spinquant_onnx.graph.index import GraphIndex, Use, node_label
+from spinquant_onnx.graph.ops import LINEAR_OPS, TRANSPARENT_OPS
 
 
 @dataclass(frozen=True)

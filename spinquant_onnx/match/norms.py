@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from spinquant_onnx.graph.index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphIndex, Use, node_label
+from spinquant_onnx.graph.index import GraphIndex, Use, node_label, per_graph_state
+from spinquant_onnx.graph.ops import SHAPE_ONLY_OPS, TRANSPARENT_OPS
 from spinquant_onnx.match.pattern import AnyOf, Const, Init, Match, Op, Var, match, optional, scalar_equals
 
 
@@ -164,6 +165,7 @@ def _fused(index: GraphIndex, node: onnx.NodeProto, spec: FusedNorm) -> NormMatc
     )
 
 
+@per_graph_state
 def find_norms(index: GraphIndex) -> list[NormMatch]:
     """Every RMSNorm in the graph, in graph order, whatever it normalizes."""
     norms: list[NormMatch] = []

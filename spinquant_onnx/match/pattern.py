@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from spinquant_onnx.graph.index import TRANSPARENT_OPS, GraphIndex
+from spinquant_onnx.graph.index import GraphIndex
+from spinquant_onnx.graph.ops import PASS_THROUGH, TRANSPARENT_OPS
 
 # Nodes a chain may carry on any edge without changing its meaning.
-PASS_THROUGH = frozenset({"QcQuantizeOp", "Identity"})
 
 
 @dataclass(frozen=True)

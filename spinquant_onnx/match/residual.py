@@ -13,23 +13,10 @@ from dataclasses import dataclass, field
 import onnx
 
 from spinquant_onnx.errors import UnsupportedGraphError
-from spinquant_onnx.graph.index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphIndex, Use, node_label
-from spinquant_onnx.match.linears import LINEAR_OPS, Linear, linear_at, linear_writing, weight_behind
+from spinquant_onnx.graph.index import GraphIndex, Use, node_label
+from spinquant_onnx.graph.ops import LINEAR_OPS, QUANTIZED_OPS, SCALAR_OPS, SHAPE_ONLY_OPS, TRANSPARENT_OPS
+from spinquant_onnx.match.linears import Linear, linear_at, linear_writing, weight_behind
 from spinquant_onnx.match.norms import NormMatch, find_norms
-
-# Elementwise ops that commute with a rotation of the last axis when the other operand is a scalar.
-SCALAR_OPS = frozenset({"Mul", "Div"})
-QUANTIZED_OPS = frozenset(
-    {
-        "MatMulNBits",
-        "GatherBlockQuantized",
-        "DequantizeLinear",
-        "QuantizeLinear",
-        "MatMulInteger",
-        "QLinearMatMul",
-        "DynamicQuantizeLinear",
-    }
-)
 
 
 @dataclass

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from spinquant_onnx.errors import InputError
-from spinquant_onnx.graph.index import TRANSPARENT_OPS, GraphIndex
+from spinquant_onnx.graph.index import GraphIndex
+from spinquant_onnx.graph.ops import SCALAR_OPS, TRANSPARENT_OPS
 from spinquant_onnx.match.linears import Linear, linear_at, weight_behind
 from spinquant_onnx.match.norms import NormMatch, find_norms
-from spinquant_onnx.match.residual import SCALAR_OPS, Embedding, Residual, Stream
+from spinquant_onnx.match.residual import Embedding, Residual, Stream
 from spinquant_onnx.match.roles import Roles, assign_roles
 
 SCHEMA = "spinquant-onnx/roles"

@@ -13,14 +13,11 @@ from dataclasses import dataclass, field
 import onnx
 
 from spinquant_onnx.graph.index import GraphIndex
+from spinquant_onnx.graph.ops import ACTIVATION_OPS, ATTENTION_OPS
 from spinquant_onnx.match.linears import Linear, linear_writing
 from spinquant_onnx.match.norms import NormMatch
 from spinquant_onnx.match.residual import Stream
 
-ATTENTION_OPS = {"Attention": (0, 1, 2), "GroupQueryAttention": (0, 1, 2), "MultiHeadAttention": (0, 1, 2)}
-ACTIVATION_OPS = frozenset(
-    {"Sigmoid", "Gelu", "FastGelu", "QuickGelu", "Tanh", "Erf", "Relu", "Softplus", "BiasGelu"}
-)
 SEARCH_LIMIT = 200
 
 

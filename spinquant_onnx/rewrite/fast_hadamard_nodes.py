@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from spinquant_onnx.graph.index import GraphIndex, Use
-from spinquant_onnx.rotation.hadamard import _sylvester, base_matrix, decompose
+from spinquant_onnx.rotation.hadamard import base_matrix, decompose, sylvester
 
 METHODS = ("matmul", "kron", "butterfly")
 # Dense constants above this order cost more memory than any speed they could buy (n^2 floats per node).
@@ -93,7 +93,7 @@ def _kron_split(n: int) -> tuple[np.ndarray, np.ndarray]:
     k = p2.bit_length() - 1
     # H_n = kron(base_m, S_2^j, S_2^(k-j)); put base_m and 2^j in A, choosing j so that A is close to sqrt(n).
     j = min(range(k + 1), key=lambda jj: abs(math.log(m * 2**jj) - math.log(n) / 2))
-    return np.kron(base_matrix(m), _sylvester(2**j)), _sylvester(2 ** (k - j))
+    return np.kron(base_matrix(m), sylvester(2**j)), sylvester(2 ** (k - j))
 
 
 def hadamard_nodes(
@@ -104,11 +104,11 @@ def hadamard_nodes(
     The result keeps x's shape and dtype. ``out`` names the final tensor (a fresh name when None).
     Raises UnsupportedSizeError (from hadamard.decompose users) when no Hadamard matrix of order n is known.
     """
-    from spinquant_onnx.rotation.hadamard import _unsupported
+    from spinquant_onnx.rotation.hadamard import unsupported
 
     mk = decompose(n)
     if mk is None:
-        raise _unsupported(n)
+        raise unsupported(n)
     method = method or choose_method(n)
     if method not in METHODS:
         raise ValueError(f"unknown online Hadamard method {method!r}")

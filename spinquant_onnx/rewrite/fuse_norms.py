@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from spinquant_onnx.io.model_file import TensorStore
+from spinquant_onnx.io.tensor_store import TensorStore
 from spinquant_onnx.match.residual import Stream
+from spinquant_onnx.rewrite.base import PassContext, register
 from spinquant_onnx.rewrite.plan import TensorPlan, fill, scale
 
 
@@ -27,3 +28,19 @@ def plan_norm_fusion(stream: Stream, store: TensorStore, plan: TensorPlan) -> in
             plan.add(linear.weight, linear.weight_use, [scale(linear.in_axis, gamma, "norm gamma")], "reader")
         plan.add(norm.gamma, norm.gamma_use, [fill(1.0 - norm.gamma_offset, "fused")], "norm")
     return len(stream.norms)
+
+
+@register
+class FuseNorms:
+    """Norm gammas into their readers, so that R1 commutes with every residual-stream norm."""
+
+    name, order = "fuse_norms", 10
+
+    def wanted(self, ctx: PassContext) -> bool:
+        return True
+
+    def check(self, ctx: PassContext) -> None:
+        return None
+
+    def apply(self, ctx: PassContext, checked: None) -> None:
+        ctx.counts["norms_fused"] = plan_norm_fusion(ctx.analysis.stream, ctx.analysis.store, ctx.plan)

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from spinquant_onnx.graph.index import GraphIndex, Use
-from spinquant_onnx.io.model_file import TensorStore
+from spinquant_onnx.io.tensor_store import TensorStore
 from spinquant_onnx.rotation.kinds import Rotation
 
 # Rows of float64 work per chunk when a tensor is rewritten along one axis: bounds temporary memory.

@@ -8,13 +8,13 @@ the input axis of a reader.
 
 from __future__ import annotations
 
-import onnx
-
 from spinquant_onnx.graph.index import GraphIndex
+from spinquant_onnx.graph.shapes import tensor_type
 from spinquant_onnx.match.residual import Stream
+from spinquant_onnx.rewrite.base import PassContext, register
 from spinquant_onnx.rewrite.online import OnlineRotation, insert_online_rotation
 from spinquant_onnx.rewrite.plan import TensorPlan, rotate
-from spinquant_onnx.rotation.kinds import Rotation
+from spinquant_onnx.rotation.kinds import Rotation, make_rotation
 
 
 def insert_online_writes(index: GraphIndex, stream: Stream, rotation: Rotation) -> list[OnlineRotation]:
@@ -36,7 +36,7 @@ def insert_online_writes(index: GraphIndex, stream: Stream, rotation: Rotation) 
                 tensor,
                 rotation,
                 transpose=False,
-                elem_type=_elem_type(index, tensor),
+                elem_type=tensor_type(index, tensor),
                 reason=f"R1 after norm {event.online_norm.label} (sandwich norm before a residual Add)",
                 readers=[(event.add, slot)],
             )
@@ -52,18 +52,11 @@ def insert_online_entries(index: GraphIndex, stream: Stream, rotation: Rotation)
             entry,
             rotation,
             transpose=False,
-            elem_type=_elem_type(index, entry),
+            elem_type=tensor_type(index, entry),
             reason="R1 on a residual-stream graph input (no embedding table in this graph)",
         )
         for entry in stream.entries
     ]
-
-
-def _elem_type(index: GraphIndex, tensor: str) -> int:
-    info = index.value_info.get(tensor)
-    if info is not None and info.type.tensor_type.elem_type:
-        return info.type.tensor_type.elem_type
-    return onnx.TensorProto.FLOAT
 
 
 def plan_r1(stream: Stream, rotation: Rotation, plan: TensorPlan) -> int:
@@ -89,3 +82,51 @@ def plan_r1(stream: Stream, rotation: Rotation, plan: TensorPlan) -> int:
             plan.add(linear.weight, linear.weight_use, [rotate(linear.in_axis, rotation, "R1")], "reader")
             count += 1
     return count
+
+
+def choose_r1(ctx: PassContext) -> Rotation:
+    """The learned R1 when the rotation file has one, else the kind the options ask for."""
+    hidden = ctx.analysis.stream.hidden
+    if ctx.learned is not None and ctx.learned.r1 is not None:
+        return ctx.learned.r1_for(hidden)
+    options = ctx.options
+    return make_rotation(options.rotation, hidden, options.seed, options.block_size)
+
+
+@register
+class R1:
+    """R1 absorbed into the weights around the residual stream (planned)."""
+
+    name, order = "r1", 20
+
+    def wanted(self, ctx: PassContext) -> bool:
+        return True
+
+    def check(self, ctx: PassContext) -> None:
+        ctx.rotation = choose_r1(ctx)
+
+    def apply(self, ctx: PassContext, checked: None) -> None:
+        ctx.counts["weights_rotated"] = plan_r1(ctx.analysis.stream, ctx.rotation, ctx.plan)
+
+
+@register
+class R1Online:
+    """R1 where no weight can absorb it: sandwich-norm writes, and stream entries that are graph inputs.
+
+    Entries are left to the caller when ``options.entries == "external"`` (the VLM rotates what feeds them).
+    """
+
+    name, order = "r1_online", 30
+
+    def wanted(self, ctx: PassContext) -> bool:
+        return True
+
+    def check(self, ctx: PassContext) -> None:
+        return None
+
+    def apply(self, ctx: PassContext, checked: None) -> None:
+        index, stream = ctx.analysis.index, ctx.analysis.stream
+        online = insert_online_writes(index, stream, ctx.rotation)
+        if ctx.options.entries == "online":
+            online += insert_online_entries(index, stream, ctx.rotation)
+        ctx.online += [o.describe() for o in online]

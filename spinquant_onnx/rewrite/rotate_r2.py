@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from spinquant_onnx.errors import UnsupportedGraphError
-from spinquant_onnx.graph.index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphIndex, node_label
-from spinquant_onnx.match.heads import FUSED_ATTENTION, AttentionSite, op_axes, reshape_last_dim
+from spinquant_onnx.errors import UnsupportedGraphError, UnsupportedSizeError
+from spinquant_onnx.graph.index import GraphIndex, node_label
+from spinquant_onnx.graph.ops import FUSED_ATTENTION, LAYOUT_OPS, SHAPE_ONLY_OPS, TRANSPARENT_OPS
+from spinquant_onnx.match.heads import AttentionSite, op_axes, reshape_last_dim
+from spinquant_onnx.rewrite.base import PassContext, register
 from spinquant_onnx.rewrite.plan import TensorPlan, rotate
-from spinquant_onnx.rotation.kinds import Rotation
-
-LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Tile", "Concat", "Slice"})
+from spinquant_onnx.rotation.kinds import Rotation, make_rotation
 
 
 def tile_rotation(rotation: Rotation, count: int) -> Rotation:
@@ -155,14 +155,20 @@ def value_path(index: GraphIndex, site: AttentionSite) -> list[str]:
 # ------------------------------------------------------------------------------------------------ plan
 
 
-def plan_r2(
-    index: GraphIndex,
-    sites: list[AttentionSite],
-    rotation_for: Callable[[int, int], Rotation],
-    plan: TensorPlan,
-) -> list[dict[str, Any]]:
-    """Add R2's weight operations; ``rotation_for(block, head_dim)`` gives each layer's R2."""
-    report = []
+@dataclass
+class R2Site:
+    """One layer's R2, checked: the site, its rotation, and the cache outputs it turns."""
+
+    site: AttentionSite
+    rotation: Rotation
+    cache_outputs: list[str]
+
+
+def prepare_r2(
+    index: GraphIndex, sites: list[AttentionSite], rotation_for: Callable[[int, int], Rotation]
+) -> list[R2Site]:
+    """Check every layer and choose its R2 (``rotation_for(block, head_dim)``); raises before anything is planned."""
+    prepared = []
     for site in sites:
         if site.v is None:
             raise UnsupportedGraphError(f"R2, attention block {site.block}: no v projection found")
@@ -172,7 +178,16 @@ def plan_r2(
             raise UnsupportedGraphError(
                 f"R2 for layer {site.block} is {r2.n}x{r2.n} but the graph's head_dim is {geometry.head_dim}"
             )
-        cache_outputs = value_path(index, site)
+        prepared.append(R2Site(site, r2, value_path(index, site)))
+    return prepared
+
+
+def plan_r2(prepared: list[R2Site], plan: TensorPlan) -> list[dict[str, Any]]:
+    """Add R2's weight operations for every checked layer; returns report entries."""
+    report = []
+    for checked in prepared:
+        site, r2, cache_outputs = checked.site, checked.rotation, checked.cache_outputs
+        geometry = site.geometry
         v, o = site.v, site.o
         v_rotation: Any = tile_rotation(r2, geometry.num_kv_heads)
         if v.start != 0 or v.stop != v.linear.out_features:
@@ -196,3 +211,37 @@ def plan_r2(
             }
         )
     return report
+
+
+def generated_r2(kind: str, seed: int) -> Callable[[int, int], Rotation]:
+    """``rotation_for`` of a generated R2: the R1 kind and seed at order head_dim."""
+
+    def rotation_for(block: int, head_dim: int) -> Rotation:
+        try:
+            return make_rotation(kind, head_dim, seed)
+        except UnsupportedSizeError as exc:
+            raise UnsupportedSizeError(f"R2 (order head_dim = {head_dim}): {exc}") from None
+
+    return rotation_for
+
+
+@register
+class R2:
+    """One head_dim rotation per layer between V and O, absorbed into both weights (planned)."""
+
+    name, order = "r2", 40
+
+    def wanted(self, ctx: PassContext) -> bool:
+        return ctx.uses_r2
+
+    def check(self, ctx: PassContext) -> list[R2Site]:
+        sites, learned = ctx.analysis.sites, ctx.learned
+        if learned is not None and learned.has_r2:
+            learned.check_layers([site.block for site in sites])
+            rotation_for = learned.r2_for
+        else:
+            rotation_for = generated_r2(ctx.options.rotation, ctx.options.seed)
+        return prepare_r2(ctx.analysis.index, sites, rotation_for)
+
+    def apply(self, ctx: PassContext, checked: list[R2Site]) -> None:
+        ctx.done["r2"] = plan_r2(checked, ctx.plan)

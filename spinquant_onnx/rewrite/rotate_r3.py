@@ -19,31 +19,16 @@ from typing import Any
 import onnx
 
 from spinquant_onnx.errors import UnsupportedGraphError, UnsupportedSizeError
-from spinquant_onnx.graph.index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphIndex, Use, node_label
+from spinquant_onnx.graph.index import GraphIndex, Use, node_label
+from spinquant_onnx.graph.ops import KEY_LAYOUT_OPS, SCALAR_OPS, SCORE_OPS, SHAPE_ONLY_OPS, TRANSPARENT_OPS
+from spinquant_onnx.graph.shapes import activation_type
 from spinquant_onnx.match.heads import AttentionSite, op_axes, reshape_last_dim
+from spinquant_onnx.rewrite.base import PassContext, register
 from spinquant_onnx.rewrite.fast_hadamard_nodes import insert_online_hadamard
 from spinquant_onnx.rotation.hadamard import decompose
 
 # Ops that only move key entries around (the repeat_kv and transpose between the cache and the score MatMul).
-KEY_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Tile", "Concat"})
-SCORE_OPS = frozenset({"Mul", "Div", "Add", "Where", "Cast", "Softmax"})
 SEARCH_LIMIT = 80
-
-
-def activation_type(index: GraphIndex, node: onnx.NodeProto) -> int:
-    """Element type of a MatMul/Gemm's activations: from value_info, else what its weight arrives as."""
-    info = index.value_info.get(node.input[0])
-    if info is not None and info.type.tensor_type.elem_type:
-        return info.type.tensor_type.elem_type
-    name = node.input[1]
-    while name not in index.store:
-        producer = index.producer.get(name)
-        if producer is None:
-            return onnx.TensorProto.FLOAT
-        if producer.op_type == "Cast":
-            return index.attr(producer, "to")
-        name = producer.input[0]
-    return index.store.tensors[name].data_type
 
 
 def _is_score(index: GraphIndex, node: onnx.NodeProto) -> bool:
@@ -180,7 +165,7 @@ def _check_key_readers(index: GraphIndex, tensor: str, score: onnx.NodeProto, wh
             node = use.node
             if node.op_type in SHAPE_ONLY_OPS or (node is score and use.index == 1):
                 continue
-            if node.op_type in KEY_LAYOUT_OPS or node.op_type in TRANSPARENT_OPS or node.op_type in ("Mul", "Div"):
+            if node.op_type in KEY_LAYOUT_OPS or node.op_type in TRANSPARENT_OPS or node.op_type in SCALAR_OPS:
                 frontier.extend(node.output)
                 continue
             raise UnsupportedGraphError(
@@ -268,6 +253,18 @@ def insert_r3(index: GraphIndex, prepared: list[R3Site]) -> list[dict[str, Any]]
     return report
 
 
-def plan_r3(index: GraphIndex, sites: list[AttentionSite]) -> list[dict[str, Any]]:
-    """Insert R3's online Hadamards on Q and K of every attention block (all checked first)."""
-    return insert_r3(index, prepare_r3(index, sites))
+@register
+class R3:
+    """Online Hadamards on Q and K after the rotary embedding (nodes)."""
+
+    name, order = "r3", 50
+
+    def wanted(self, ctx: PassContext) -> bool:
+        return bool(ctx.options.r3)
+
+    def check(self, ctx: PassContext) -> list[R3Site]:
+        return prepare_r3(ctx.analysis.index, ctx.analysis.sites)
+
+    def apply(self, ctx: PassContext, checked: list[R3Site]) -> None:
+        ctx.done["r3"] = insert_r3(ctx.analysis.index, checked)
+        ctx.online += [entry[side] for entry in ctx.done["r3"] for side in ("queries", "keys")]

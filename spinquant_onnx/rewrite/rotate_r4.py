@@ -12,11 +12,12 @@ from typing import Any
 
 from spinquant_onnx.errors import UnsupportedGraphError, UnsupportedSizeError
 from spinquant_onnx.graph.index import GraphIndex
+from spinquant_onnx.graph.shapes import activation_type
 from spinquant_onnx.match.linears import Linear
 from spinquant_onnx.match.roles import Roles
+from spinquant_onnx.rewrite.base import PassContext, register
 from spinquant_onnx.rewrite.fast_hadamard_nodes import insert_online_hadamard
 from spinquant_onnx.rewrite.plan import TensorPlan, rotate
-from spinquant_onnx.rewrite.rotate_r3 import activation_type
 from spinquant_onnx.rotation.hadamard import decompose, largest_supported_divisor
 from spinquant_onnx.rotation.kinds import make_rotation
 
@@ -60,6 +61,18 @@ def insert_r4(index: GraphIndex, downs: list[tuple[int, Linear]], plan: TensorPl
     return report
 
 
-def plan_r4(index: GraphIndex, roles: Roles, plan: TensorPlan) -> list[dict[str, Any]]:
-    """R4 on every down_proj (all checked first)."""
-    return insert_r4(index, prepare_r4(roles), plan)
+@register
+class R4:
+    """An online Hadamard before each down_proj, its inverse planned into the weight (nodes and plan)."""
+
+    name, order = "r4", 60
+
+    def wanted(self, ctx: PassContext) -> bool:
+        return bool(ctx.options.r4)
+
+    def check(self, ctx: PassContext) -> list[tuple[int, Linear]]:
+        return prepare_r4(ctx.analysis.roles)
+
+    def apply(self, ctx: PassContext, checked: list[tuple[int, Linear]]) -> None:
+        ctx.done["r4"] = insert_r4(ctx.analysis.index, checked, ctx.plan)
+        ctx.online += ctx.done["r4"]

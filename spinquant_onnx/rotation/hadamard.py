@@ -95,7 +95,7 @@ def largest_supported_divisor(n: int) -> int:
     return max(d for d in divisors if decompose(d) is not None)
 
 
-def _unsupported(n: int) -> UnsupportedSizeError:
+def unsupported(n: int) -> UnsupportedSizeError:
     if n > 2 and n % 4:
         why = "Hadamard orders above 2 are multiples of 4"
     else:
@@ -201,7 +201,7 @@ class _GF:
 # Dense constructions
 
 
-def _sylvester(n: int) -> np.ndarray:
+def sylvester(n: int) -> np.ndarray:
     h = np.ones((1, 1))
     while h.shape[0] < n:
         h = np.block([[h, h], [h, -h]])
@@ -230,13 +230,13 @@ def base_matrix(m: int) -> np.ndarray:
     """The +-1 float64 Hadamard matrix of base order m (read-only, cached): Sylvester if m is a power of two,
     else Paley I/II, else the Kronecker product of the smallest constructible split."""
     if _is_power_of_two(m):
-        h = _sylvester(m)
+        h = sylvester(m)
     elif (kind := _paley_kind(m)) is not None:
         h = _paley(m, kind)
     elif (ab := _split(m)) is not None:
         h = np.kron(base_matrix(ab[0]), base_matrix(ab[1]))
     else:
-        raise _unsupported(m)
+        raise unsupported(m)
     h.flags.writeable = False
     return h
 
@@ -245,9 +245,9 @@ def hadamard_matrix(n: int) -> np.ndarray:
     """Dense +-1 float64 H_n with H H^T = n I, in the ordering hadamard_transform uses."""
     mk = decompose(n)
     if mk is None:
-        raise _unsupported(n)
+        raise unsupported(n)
     m, p2 = mk
-    return np.kron(base_matrix(m), _sylvester(p2))
+    return np.kron(base_matrix(m), sylvester(p2))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,8 +268,8 @@ def _butterflies(y: np.ndarray) -> None:
     k = p2.bit_length() - 1
     a = 1 << (k // 2)
     b = p2 // a
-    ha = _sylvester(a).astype(y.dtype, copy=False)
-    hb = _sylvester(b).astype(y.dtype, copy=False)
+    ha = sylvester(a).astype(y.dtype, copy=False)
+    hb = sylvester(b).astype(y.dtype, copy=False)
     if post == 1:
         flat = y.reshape(pre, p2)
         rows = max(1, _CHUNK_ELEMS // p2)
@@ -286,13 +286,13 @@ def _butterflies(y: np.ndarray) -> None:
             block[:, c0 : c0 + cols] = (ha.T @ chunk.reshape(a, -1)).reshape(p2, -1)
 
 
-def _as_3d(y: np.ndarray, axis: int) -> np.ndarray:
+def as_3d(y: np.ndarray, axis: int) -> np.ndarray:
     n = y.shape[axis]
     pre = math.prod(y.shape[:axis])
     return y.reshape(pre, n, y.size // max(1, pre * n))
 
 
-def _norm_axis(x: np.ndarray, axis: int) -> int:
+def norm_axis(x: np.ndarray, axis: int) -> int:
     if not -x.ndim <= axis < x.ndim:
         raise np.exceptions.AxisError(axis, x.ndim)
     return axis % x.ndim
@@ -301,14 +301,14 @@ def _norm_axis(x: np.ndarray, axis: int) -> int:
 def fwht(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Unnormalized Walsh-Hadamard transform (Sylvester ordering) along a power-of-two axis, float64."""
     y = np.array(x, dtype=np.float64, order="C")
-    axis = _norm_axis(y, axis)
+    axis = norm_axis(y, axis)
     if not _is_power_of_two(y.shape[axis]):
         raise UnsupportedSizeError(f"fwht needs a power-of-two length, got {y.shape[axis]}")
-    _butterflies(_as_3d(y, axis))
+    _butterflies(as_3d(y, axis))
     return y
 
 
-def _contract(y: np.ndarray, a: np.ndarray) -> np.ndarray:
+def contract(y: np.ndarray, a: np.ndarray) -> np.ndarray:
     """out[p, j, r] = sum_i y[p, i, r] a[i, j] for a (pre, m, post) array: x @ a along the middle axis."""
     pre, m, post = y.shape
     if post == 1:  # one GEMM instead of `pre` batched mat-vecs
@@ -316,13 +316,13 @@ def _contract(y: np.ndarray, a: np.ndarray) -> np.ndarray:
     return np.matmul(a.T, y)
 
 
-def _transform3(y: np.ndarray, normalize: bool, transpose: bool) -> np.ndarray:
+def transform3(y: np.ndarray, normalize: bool, transpose: bool) -> np.ndarray:
     """hadamard_transform along axis 1 of a C-contiguous float64 (pre, n, post) array, overwritten in the
     process (callers hand over a copy they own: this is what keeps the memory at about two copies of x)."""
     pre, n, post = y.shape
     mk = decompose(n)
     if mk is None:
-        raise _unsupported(n)
+        raise unsupported(n)
     m, p2 = mk
     _butterflies(y.reshape(pre * m, p2, post))
     scale = 1.0 / math.sqrt(n)
@@ -334,7 +334,7 @@ def _transform3(y: np.ndarray, normalize: bool, transpose: bool) -> np.ndarray:
     if normalize:
         a = a * scale
     a = a.astype(y.dtype, copy=False)
-    return _contract(y.reshape(pre, m, p2 * post), a).reshape(y.shape)
+    return contract(y.reshape(pre, m, p2 * post), a).reshape(y.shape)
 
 
 def hadamard_transform(
@@ -345,5 +345,5 @@ def hadamard_transform(
     Butterflies on the 2**k part, one dense m x m product on the base part; about two float64 copies of x.
     """
     y = np.array(x, dtype=np.float64, order="C")
-    axis = _norm_axis(y, axis)
-    return _transform3(_as_3d(y, axis), normalize, transpose).reshape(y.shape)
+    axis = norm_axis(y, axis)
+    return transform3(as_3d(y, axis), normalize, transpose).reshape(y.shape)

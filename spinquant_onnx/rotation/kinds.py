@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from spinquant_onnx.errors import SpinQuantError, UnsupportedSizeError
-from spinquant_onnx.rotation.hadamard import _as_3d, _contract, _norm_axis, _transform3, _unsupported, decompose
+from spinquant_onnx.rotation.hadamard import as_3d, contract, decompose, norm_axis, transform3, unsupported
 
 __all__ = ["KINDS", "Rotation", "from_matrix", "make_rotation"]
 
@@ -61,24 +61,24 @@ class Rotation:
     ) -> np.ndarray:
         reuse = overwrite and x.dtype == dtype and x.flags.c_contiguous and x.flags.writeable
         y = x if reuse else np.array(x, dtype=dtype, order="C")  # the one copy we own and may overwrite
-        axis = _norm_axis(y, axis)
+        axis = norm_axis(y, axis)
         if y.shape[axis] != self.n:
             raise SpinQuantError(
                 f"cannot rotate axis {axis} of shape {tuple(y.shape)}: "
                 f"length {y.shape[axis]}, rotation is {self.n}"
             )
-        pre, n, post = _as_3d(y, axis).shape
+        pre, n, post = as_3d(y, axis).shape
         y3 = y.reshape(pre * (n // self.block), self.block, post)
         return self._apply_blocks(y3, transpose).reshape(y.shape)
 
     def _apply_blocks(self, y3: np.ndarray, transpose: bool) -> np.ndarray:
         """R_B (or R_B^T) along axis 1 of an owned C-contiguous float64 (pre, B, post) array."""
         if self.dense is not None:
-            return _contract(y3, (self.dense.T if transpose else self.dense).astype(y3.dtype, copy=False))
+            return contract(y3, (self.dense.T if transpose else self.dense).astype(y3.dtype, copy=False))
         d = None if self.signs is None else self.signs[:, None]
         if d is not None and not transpose:
             y3 *= d  # x @ (D H) = (x * d) @ H
-        out = _transform3(y3, normalize=True, transpose=transpose)
+        out = transform3(y3, normalize=True, transpose=transpose)
         if d is not None and transpose:
             out *= d  # x @ (D H)^T = (x @ H^T) * d
         return out
@@ -139,7 +139,7 @@ def make_rotation(kind: str, n: int, seed: int = 0, block_size: int | None = Non
     if kind == "random-orthogonal":
         return Rotation(n, outer, kind, seed, block_size, dense=_haar_orthogonal(b, seed))
     if decompose(b) is None:
-        raise _unsupported(b)
+        raise unsupported(b)
     if kind == "hadamard":
         return Rotation(n, outer, kind, None, block_size)
     signs = np.random.default_rng(seed).integers(0, 2, size=b) * 2.0 - 1.0
