@@ -1,9 +1,14 @@
-"""Render what the matcher found as a readable table (``spinquant-onnx inspect``)."""
+"""``spinquant-onnx inspect IN``: what the matcher found, as a readable table (and the editable role map)."""
 
 from __future__ import annotations
 
-from spinquant_onnx.match.analysis import Analysis
-from spinquant_onnx.match.linears import Linear
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the library loads on use: --help stays fast
+    from spinquant_onnx.match.analysis import Analysis
+    from spinquant_onnx.match.linears import Linear
 
 
 def _shape(analysis: Analysis, name: str) -> str:
@@ -80,3 +85,27 @@ def _tied(analysis: Analysis) -> bool:
     if analysis.stream.embedding is None or roles.final is None:
         return False
     return any(entry.linear.weight == analysis.stream.embedding.table for entry in roles.final.readers)
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``inspect`` on the main parser's subparsers."""
+    inspect = sub.add_parser("inspect", help="print the blocks, norms and linear roles the matcher finds")
+    inspect.add_argument("input")
+    inspect.add_argument("--json", metavar="ROLES.json", help="also write the role map (editable; see README)")
+    inspect.set_defaults(func=run)
+    return inspect
+
+
+def run(args: argparse.Namespace) -> int:
+    from spinquant_onnx.io.model_file import load_model
+    from spinquant_onnx.match.analysis import analyze
+
+    path = Path(args.input)
+    analysis = analyze(load_model(path), path.parent)
+    print(render(analysis))
+    if args.json:
+        from spinquant_onnx.match.role_map import export_roles, write_roles
+
+        write_roles(export_roles(analysis.index, analysis.stream, analysis.roles), args.json)
+        print(f"role map written to {args.json}")
+    return 0

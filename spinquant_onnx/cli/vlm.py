@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from spinquant_onnx.cli.common import providers, write_json
 from spinquant_onnx.rotation.kinds import KINDS
-
-
-def _providers(value: str) -> list[str]:
-    return [p.strip() for p in value.split(",") if p.strip()]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -41,14 +38,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--visual-inputs", metavar="FEEDS.npz", help="inputs for the visual encoder's check (else synthesized)"
     )
-    parser.add_argument("--providers", type=_providers, default=None, help="comma list for --validate, e.g. cuda,cpu")
+    parser.add_argument("--providers", type=providers, default=None, help="comma list for --validate, e.g. cuda,cpu")
     parser.add_argument("--report", help="write a JSON report here")
     parser.set_defaults(func=_cmd_rotate_vlm)
     return parser
 
 
 def _cmd_rotate_vlm(args: argparse.Namespace) -> int:
-    from spinquant_onnx.cli import _write_json
     from spinquant_onnx.integrations.vlm import convert_vlm
 
     report = convert_vlm(
@@ -66,7 +62,7 @@ def _cmd_rotate_vlm(args: argparse.Namespace) -> int:
     )
     data = report.to_dict()
     if args.report:
-        _write_json(args.report, data)
+        write_json(args.report, data)
     rot, vlm = data["rotation"], data["vlm"]
     visual = vlm["visual"]
     if visual is None:

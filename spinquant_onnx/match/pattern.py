@@ -80,7 +80,8 @@ class Match:
         return Match(dict(self.tensors), dict(self.nodes), list(self.matched), dict(self.values))
 
 
-def match(index: GraphIndex, pattern: Pattern, tensor: str, state: Match | None = None) -> Match | None:
+# One branch per pattern kind; split into per-kind functions once the parallel norm work has landed (#18).
+def match(index: GraphIndex, pattern: Pattern, tensor: str, state: Match | None = None) -> Match | None:  # noqa: C901
     """Match ``pattern`` against the producer chain of ``tensor``; a new Match or None."""
     state = Match() if state is None else state
     if isinstance(pattern, Var):

@@ -125,36 +125,12 @@ def trace_stream(index: GraphIndex) -> Stream:
     for norm in norms:
         for name in norm.inputs:
             norm_inputs.setdefault(name, norm)
-    embedding = _find_embedding(index, norm_inputs)
-    entries: list[str] = []
-    if embedding is not None:
-        hidden = index.store.shape(embedding.table)[embedding.hidden_axis]
-        stream = {embedding.output}
-    else:
-        inputs = _float_input_entries(index, norm_inputs)
-        if not inputs:
-            raise UnsupportedGraphError(
-                "no decoder found: no embedding Gather or inputs_embeds input leads to an RMSNorm "
-                f"(found {len(norms)} RMSNorm(s) in {len(index.graph.node)} nodes)"
-            )
-        entries = [name for name, _ in inputs]
-        hidden = inputs[0][1]
-        stream = set(entries)
+    embedding, entries, hidden = _stream_start(index, norms, norm_inputs)
+    stream = {embedding.output} if embedding is not None else set(entries)
     internal = {id(node): norm for norm in norms for node in norm.nodes}
     norm_outputs = {norm.output: norm for norm in norms}
     events: list[Residual] = []
     seen_norms: set[int] = set()
-
-    def open_norm(norm: NormMatch) -> None:
-        if id(norm) in seen_norms:
-            return
-        seen_norms.add(id(norm))
-        if index.store.shape(norm.gamma) != (hidden,):
-            raise UnsupportedGraphError(
-                f"norm {norm.label} on the residual stream has gamma '{norm.gamma}' of shape "
-                f"{list(index.store.shape(norm.gamma))}, expected [{hidden}]"
-            )
-        events.append(Residual("norm", norm=norm, readers=_readers_of(index, norm, hidden)))
 
     for node in index.graph.node:
         stream_inputs = [name for name in node.input if name in stream]
@@ -162,41 +138,96 @@ def trace_stream(index: GraphIndex) -> Stream:
             continue
         norm = internal.get(id(node))
         if norm is not None and any(name in stream for name in norm.inputs):
-            if len(norm.inputs) > 1 and id(norm) not in seen_norms:
-                # A Skip norm adds before normalizing: that sum is a residual Add, writer included,
-                # whether or not its sum output (the next residual) is used.
-                _check_skip_writer(index, norm, stream, hidden, events, norm_outputs)
-                if norm.sum_output is not None:
-                    stream.add(norm.sum_output)
-            open_norm(norm)
-            if node.op_type in TRANSPARENT_OPS:
-                stream.update(node.output[:1])
+            _enter_norm(index, node, norm, _Walk(stream, hidden, events, seen_norms, norm_outputs))
             continue
         if node.op_type in SHAPE_ONLY_OPS:
             continue
-        if node.op_type in TRANSPARENT_OPS and node.input[0] in stream:
-            stream.update(node.output[:1])
-            continue
-        if (
-            node.op_type in SCALAR_OPS
-            and node.input[0] in stream
-            and index.scalar(index.see_through_back(node.input[1])) is not None  # AIMET quantizes constants
-        ):
+        if _passes_value(index, node, stream):
             stream.update(node.output[:1])
             continue
         if node.op_type == "Add" and len(node.input) == 2:
-            others = [name for name in node.input if name not in stream]
-            for other in others:
+            for other in (name for name in node.input if name not in stream):
                 if embedding is None and _is_input_entry(index, other, hidden):  # Qwen3-VL deepstack features
                     entries.append(index.see_through_back(other))
-                    continue
-                events.append(_write_event(index, other, node, hidden, norm_outputs))
+                else:
+                    events.append(_write_event(index, other, node, hidden, norm_outputs))
             stream.add(node.output[0])
             continue
         raise UnsupportedGraphError(
             f"residual stream tensor '{stream_inputs[0]}' is read by node {node_label(node)}, which is not an "
             "RMSNorm, a residual Add or a shape op, so R1 cannot be absorbed exactly"
         )
+    _check_stream_closed(index, stream, events)
+    return Stream(hidden, embedding, entries, events, stream)
+
+
+@dataclass
+class _Walk:
+    """The state ``trace_stream`` grows as it walks the graph."""
+
+    stream: set[str]
+    hidden: int
+    events: list[Residual]
+    seen_norms: set[int]
+    norm_outputs: dict[str, NormMatch]
+
+
+def _enter_norm(index: GraphIndex, node: onnx.NodeProto, norm: NormMatch, walk: _Walk) -> None:
+    """A node inside ``norm`` reads the stream: record the norm (a Skip norm's sum is a residual write too)."""
+    if len(norm.inputs) > 1 and id(norm) not in walk.seen_norms:
+        # A Skip norm adds before normalizing: that sum is a residual Add, writer included,
+        # whether or not its sum output (the next residual) is used.
+        _check_skip_writer(index, norm, walk.stream, walk.hidden, walk.events, walk.norm_outputs)
+        if norm.sum_output is not None:
+            walk.stream.add(norm.sum_output)
+    _open_norm(index, norm, walk.hidden, walk.events, walk.seen_norms)
+    if node.op_type in TRANSPARENT_OPS:
+        walk.stream.update(node.output[:1])
+
+
+def _open_norm(
+    index: GraphIndex, norm: NormMatch, hidden: int, events: list[Residual], seen_norms: set[int]
+) -> None:
+    """The first time the stream reaches ``norm``: check its gamma and record it with its readers."""
+    if id(norm) in seen_norms:
+        return
+    seen_norms.add(id(norm))
+    if index.store.shape(norm.gamma) != (hidden,):
+        raise UnsupportedGraphError(
+            f"norm {norm.label} on the residual stream has gamma '{norm.gamma}' of shape "
+            f"{list(index.store.shape(norm.gamma))}, expected [{hidden}]"
+        )
+    events.append(Residual("norm", norm=norm, readers=_readers_of(index, norm, hidden)))
+
+
+def _stream_start(
+    index: GraphIndex, norms: list[NormMatch], norm_inputs: dict[str, NormMatch]
+) -> tuple[Embedding | None, list[str], int]:
+    """Where the stream starts: the embedding Gather, else the float graph inputs that reach a norm."""
+    embedding = _find_embedding(index, norm_inputs)
+    if embedding is not None:
+        return embedding, [], index.store.shape(embedding.table)[embedding.hidden_axis]
+    inputs = _float_input_entries(index, norm_inputs)
+    if not inputs:
+        raise UnsupportedGraphError(
+            "no decoder found: no embedding Gather or inputs_embeds input leads to an RMSNorm "
+            f"(found {len(norms)} RMSNorm(s) in {len(index.graph.node)} nodes)"
+        )
+    return None, [name for name, _ in inputs], inputs[0][1]
+
+
+def _passes_value(index: GraphIndex, node: onnx.NodeProto, stream: set[str]) -> bool:
+    """A transparent op, or a multiply/divide by a scalar, on a stream tensor: its output is the stream too."""
+    if node.op_type in TRANSPARENT_OPS and node.input[0] in stream:
+        return True
+    return (
+        node.op_type in SCALAR_OPS
+        and node.input[0] in stream
+        and index.scalar(index.see_through_back(node.input[1])) is not None  # AIMET quantizes constants
+    )
+
+
+def _check_stream_closed(index: GraphIndex, stream: set[str], events: list[Residual]) -> None:
     exits = sorted(name for name in stream if name in index.graph_outputs)
     if exits:
         raise UnsupportedGraphError(
@@ -204,7 +235,6 @@ def trace_stream(index: GraphIndex) -> Stream:
         )
     if not any(e.kind == "norm" for e in events):
         raise UnsupportedGraphError("no RMSNorm reads the residual stream; nothing to fuse or rotate")
-    return Stream(hidden, embedding, entries, events, stream)
 
 
 def _readers_of(index: GraphIndex, norm: NormMatch, hidden: int) -> list[Linear]:

@@ -231,42 +231,56 @@ def import_roles(index: GraphIndex, data: dict[str, Any]) -> tuple[Stream, Roles
     for number, item in enumerate(data.get("residual", [])):
         where = f"residual[{number}]"
         if item.get("kind") == "norm":
-            norm = check.norm(item.get("norm", {}), where)
-            if not any(name in stream for name in norm.inputs):
-                raise check.fail(where, f"norm '{norm.output}' does not read the residual stream "
-                                 f"(inputs {list(norm.inputs)})")
-            readers = []
-            for slot, reader in enumerate(item.get("readers", [])):
-                found = check.linear(reader, f"{where}.readers[{slot}]", reader=True)
-                given[found.node.output[0]] = reader.get("role", "reader")
-                readers.append(found)
-            if norm.sum_output:
-                stream |= _aliases(index, {norm.sum_output})
-            events.append(Residual("norm", norm=norm, readers=readers))
+            events.append(_norm_event(index, check, item, where, stream, given))
         elif item.get("kind") == "write":
-            add = index.producer.get(item.get("add_output", ""))
-            if add is None:
-                raise check.fail(where, f"no node produces '{item.get('add_output')}'")
-            operands = [index.see_through_back(name) for name in add.input[:2]]
-            if not any(name in stream for name in add.input[:2]):
-                raise check.fail(where, f"Add '{add.output[0]}' does not read the residual stream")
-            if "online" in item:
-                online = item["online"]
-                post = check.norms.get(item.get("post_norm", {}).get("output", online))
-                if index.see_through_back(online) not in operands or post is None:
-                    raise check.fail(where, f"Add '{add.output[0]}' does not read a norm output '{online}'")
-                event = Residual("write", add=add, online=online, online_norm=post)
-            else:
-                writer = check.linear(item.get("writer", {}), f"{where}.writer", reader=False)
-                given[writer.node.output[0]] = item["writer"].get("role", "writer")
-                if writer.output not in operands and index.see_through_back(writer.output) not in operands:
-                    raise check.fail(where, f"Add '{add.output[0]}' does not read writer output '{writer.output}'")
-                event = Residual("write", writer=writer, add=add)
-            if add.op_type == "Add":
-                stream |= _aliases(index, {add.output[0]})
-            events.append(event)
+            events.append(_write_event(index, check, item, where, stream, given))
         else:
             raise check.fail(where, f"kind must be 'norm' or 'write', not {item.get('kind')!r}")
     result = Stream(hidden, embedding, entries, events, stream)
     return result, assign_roles(index, result, given)
 
+
+
+def _norm_event(
+    index: GraphIndex, check: _Checker, item: dict[str, Any], where: str, stream: set[str], given: dict[str, str]
+) -> Residual:
+    """A map's norm entry, checked; its readers' roles go to ``given``, a Skip norm's sum joins ``stream``."""
+    norm = check.norm(item.get("norm", {}), where)
+    if not any(name in stream for name in norm.inputs):
+        raise check.fail(where, f"norm '{norm.output}' does not read the residual stream "
+                         f"(inputs {list(norm.inputs)})")
+    readers = []
+    for slot, reader in enumerate(item.get("readers", [])):
+        found = check.linear(reader, f"{where}.readers[{slot}]", reader=True)
+        given[found.node.output[0]] = reader.get("role", "reader")
+        readers.append(found)
+    if norm.sum_output:
+        stream |= _aliases(index, {norm.sum_output})
+    return Residual("norm", norm=norm, readers=readers)
+
+
+def _write_event(
+    index: GraphIndex, check: _Checker, item: dict[str, Any], where: str, stream: set[str], given: dict[str, str]
+) -> Residual:
+    """A map's write entry (a writer linear, or an online write after a sandwich norm), checked."""
+    add = index.producer.get(item.get("add_output", ""))
+    if add is None:
+        raise check.fail(where, f"no node produces '{item.get('add_output')}'")
+    operands = [index.see_through_back(name) for name in add.input[:2]]
+    if not any(name in stream for name in add.input[:2]):
+        raise check.fail(where, f"Add '{add.output[0]}' does not read the residual stream")
+    if "online" in item:
+        online = item["online"]
+        post = check.norms.get(item.get("post_norm", {}).get("output", online))
+        if index.see_through_back(online) not in operands or post is None:
+            raise check.fail(where, f"Add '{add.output[0]}' does not read a norm output '{online}'")
+        event = Residual("write", add=add, online=online, online_norm=post)
+    else:
+        writer = check.linear(item.get("writer", {}), f"{where}.writer", reader=False)
+        given[writer.node.output[0]] = item["writer"].get("role", "writer")
+        if writer.output not in operands and index.see_through_back(writer.output) not in operands:
+            raise check.fail(where, f"Add '{add.output[0]}' does not read writer output '{writer.output}'")
+        event = Residual("write", writer=writer, add=add)
+    if add.op_type == "Add":
+        stream |= _aliases(index, {add.output[0]})
+    return event

@@ -110,6 +110,14 @@ def _rank_of(index: GraphIndex, node: onnx.NodeProto) -> int | None:
     return max(ranks) if ranks else None
 
 
+def _check_layout(index: GraphIndex, node: onnx.NodeProto, head_dim: int, where: str) -> None:
+    if not _keeps_last_axis(index, node, head_dim):
+        raise UnsupportedGraphError(
+            f"{where}: {node_label(node)} on the value path may split or mix head_dim blocks; "
+            "cannot apply R2 exactly (drop --r2)"
+        )
+
+
 def value_path(index: GraphIndex, site: AttentionSite) -> list[str]:
     """Walk from v to o's input and refuse anything that looks inside a head; returns graph outputs reached."""
     where = f"R2, attention block {site.block}"
@@ -136,11 +144,7 @@ def value_path(index: GraphIndex, site: AttentionSite) -> list[str]:
                 frontier.append(node.output[0])
                 outputs.extend(out for out in node.output[1:] if out in index.graph_outputs)
             elif node.op_type in LAYOUT_OPS and (use.index == 0 or node.op_type == "Concat"):
-                if not _keeps_last_axis(index, node, head_dim):
-                    raise UnsupportedGraphError(
-                        f"{where}: {node_label(node)} on the value path may split or mix head_dim blocks; "
-                        "cannot apply R2 exactly (drop --r2)"
-                    )
+                _check_layout(index, node, head_dim, where)
                 frontier.extend(node.output)
             else:
                 raise UnsupportedGraphError(

@@ -1,0 +1,26 @@
+"""What every command shares: argument parsers, the JSON report writer, the one-line error format."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def providers(value: str) -> list[str]:
+    """``--providers cuda,cpu`` as a list."""
+    return [p.strip() for p in value.split(",") if p.strip()]
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write a report atomically (a partial file renamed into place)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.partial")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(target)
+
+
+def say(kind: str, message: object) -> None:
+    """One line on stderr whatever the message holds (library errors often span several)."""
+    print(f"spinquant-onnx: {kind}: {' '.join(str(message).split())}", file=sys.stderr)
