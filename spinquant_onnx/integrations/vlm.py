@@ -41,6 +41,7 @@ from spinquant_onnx.core.options import Options
 from spinquant_onnx.core.pipeline import (
     Output,
     as_model_proto,
+    commit_in_memory,
     model_output,
     plan_model,
     restored_on_failure,
@@ -50,7 +51,7 @@ from spinquant_onnx.core.report import Report
 from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedGraphError, ValidationFailedError
 from spinquant_onnx.graph.index import GraphIndex, node_label
 from spinquant_onnx.graph.ops import ROW_OPS, TRANSPARENT_OPS
-from spinquant_onnx.io.model_file import external_files, load_model, set_tensor_data, uses_external_data
+from spinquant_onnx.io.model_file import external_files, load_model, uses_external_data
 from spinquant_onnx.io.tensor_store import TensorStore
 from spinquant_onnx.io.torch_pickle import load_torch, save_torch
 from spinquant_onnx.match.analysis import Analysis, analyze
@@ -437,11 +438,9 @@ def apply_vlm(backbone: Any, visual: Any = None, embedding: Any = None, **option
         visual_values = _visual_values(vp)
         rotated_table = rotate_table(original, vp.rotation, vp.plan.work) if vp.mode == "offline" else None
 
-    for name, array in backbone_values.items():
-        set_tensor_data(analysis.store.tensors[name], array)
+    commit_in_memory(analysis.store, backbone_values)  # every value computed above: now the one commit
     if part is not None:
-        for name, array in visual_values.items():
-            set_tensor_data(part.store.tensors[name], array)
+        commit_in_memory(part.store, visual_values)
     if rotated_table is not None:
         table.write(rotated_table)
     for target in (backbone, visual):
