@@ -57,6 +57,11 @@ MOVED = {
     ("core.pipeline", "Options"): "core.options",
     ("core.pipeline", "PRECISIONS"): "core.options",
     ("core.pipeline", "Report"): "core.report",
+    ("core.pipeline", "apply_spinquant"): "integrations.dispatch",
+    ("core.pipeline", "_as_model_proto"): "core.pipeline",
+    **{("core.preflight", n): "core.memory" for n in (
+        "MemoryEstimate", "available_memory", "estimate_memory", "check_memory", "check_load_memory",
+        "SKIP_MEMORY_ENV")},
     ("cli.inspect", "render"): "cli.inspect",
 }
 RENAMED = {  # private names that other modules use, now public
@@ -68,6 +73,11 @@ RENAMED = {  # private names that other modules use, now public
     "_unsupported": "unsupported",
 }
 RENAMED_IN = ("rotation/hadamard.py", "rotation.hadamard")
+# Not textual (port by hand): api._plan(a, o) -> core.pipeline.plan_model(a, o) returns (plan, report, ctx);
+# api.plan_r2_r3_r4 -> the r2/r3/r4 passes (rewrite/base.py); plan_r2(index, sites, rotation_for, plan) ->
+# plan_r2(prepare_r2(index, sites, rotation_for), plan); plan_r3/plan_r4 removed (prepare_* + insert_*);
+# aimet.check_no_online_nodes(model, options) -> (stream, options); evaluate.residual_points(model, dir) and
+# lm_head_nodes(model, dir) -> (analysis); api._as_model_proto -> core.pipeline.as_model_proto.
 _FROM = re.compile(r"^(?P<indent>[ \t]*)from spinquant_onnx\.(?P<mod>[\w.]+) import (?P<names>\([^)]*\)|[^\n]+)", re.M)
 
 
