@@ -1,7 +1,7 @@
 """Hadamard matrices of every order reachable from Sylvester, Paley I/II and Kronecker products, then (only
 where those miss) from the sequence constructions of hadamard_sequences (Williamson, Goethals-Seidel with
-T-sequences, Cooper-Wallis, Miyamoto) and their Kronecker products; and a fast transform that never builds
-the dense matrix.
+T-sequences or difference sets, Cooper-Wallis, Miyamoto) and their Kronecker products; and a fast
+transform that never builds the dense matrix.
 
 An order n is handled as n = m * 2**k: the 2**k part is a Sylvester factor applied with O(n log n)
 butterflies, the (small) base order m is a Paley matrix or a Kronecker product of Paley matrices, applied as
@@ -113,7 +113,7 @@ def _unsupported(n: int) -> UnsupportedSizeError:
     if n > 2 and n % 4:
         why = "Hadamard orders above 2 are multiples of 4"
     else:
-        why = "neither Sylvester, Paley I/II, the Williamson/T-sequence/Miyamoto tables nor Kronecker products reach it"
+        why = "no Sylvester, Paley, Williamson, T-sequence, difference-set, Miyamoto or Kronecker construction"
     d = largest_supported_divisor(n) if n >= 1 else 1
     block = f" or a block size that divides {n} (e.g. {d})" if d > 1 else ""
     return UnsupportedSizeError(

@@ -5,6 +5,7 @@ Constructions, all through the Goethals-Seidel array (four circulants A, B, C, D
 A A^T + B B^T + C C^T + D D^T = 4t I, any symmetry):
 
 - Williamson-type quadruples of order w (4w).
+- Supplementary difference sets in Z_t given as unions of cyclotomic cosets (Djokovic): 4t.
 - T-sequences of length t (four disjoint 0/+-1 sequences whose aperiodic autocorrelations sum to zero),
   from Turyn-type sequences TT(n) (t = 3n - 1, via base sequences) or Turyn sequences (t = 2l - 1, 4l - 1),
   and T-matrices of order 67 (periodic): 4t.
@@ -133,6 +134,72 @@ _T_MATRICES = {
     ),
 }
 
+# Supplementary difference sets S_1..S_4 in Z_t with |S_1| + .. + |S_4| = t + lambda, as unions of cosets of a
+# subgroup H of Z_t^*: (H, coset representatives a_i, index sets J_1..J_4). The cosets are alpha_2i = a_i H
+# (a list instead of a_i is that coset itself) and alpha_2i+1 = -alpha_2i; S_k is the union of alpha_j over
+# j in J_k, plus {0} where J_k holds -1. The +-1 circulants are -1 on S_k (D. Z. Djokovic's method; data as
+# carried by SageMath's sage/combinat/designs/difference_family.py). Sources:
+# 103, 151: D. Z. Djokovic, "Five new orders for Hadamard matrices of skew type", Australas. J. Combin. 10
+#   (1994) 259-264.  127, 163: D. Z. Djokovic, "Construction of some new Hadamard matrices", Bull. Austral.
+#   Math. Soc. 45 (1992) 327-332.  219: D. Z. Djokovic, "Ten new orders for Hadamard matrices of skew type",
+#   Univ. Beograd. Publ. Elektrotehn. Fak. Ser. Mat. 3 (1992) 47-59.  191: D. Z. Djokovic, "Hadamard matrices
+#   of order 764 exist", Combinatorica 28 (2008) 487-489.  239: D. Z. Djokovic, "Two Hadamard matrices of
+#   order 956 of Goethals-Seidel type", Combinatorica 14 (1994) 375-377.  251: D. Z. Djokovic, O. Golubitsky,
+#   I. S. Kotsireas, "Some new orders of Hadamard and skew-Hadamard matrices", J. Combin. Des. 22 (2014).
+_SDS: dict[int, tuple[list[int], list, list[list[int]]]] = {
+    103: ([1, 46, 56], [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 15, 17, 19, 21, 23, 30],
+          [[1, 3, 4, 6, 8, 11, 12, 14, 17, 18, 20, 22, 25, 27, 28, 30, 32],
+           [2, 9, 10, 12, 13, 14, 15, 16, 20, 21, 22, 23, 24, 26, 28, 29, 30],
+           [0, 1, 2, 3, 4, 11, 12, 13, 16, 17, 19, 20, 21, 24, 25, 26, 28, 30, 31],
+           [0, 1, 2, 3, 4, 5, 6, 13, 15, 18, 19, 20, 23, 24, 25, 26, 27, 28, 29, 31]]),
+    127: ([1, 2, 4, 8, 16, 32, 64], [1, 3, 5, 7, 9, 11, 13, 19, 21],
+          [[0, 3, 5, 7, 8, 10, 12, 14, 16], [0, 1, 3, 6, 7, 9, 10, 12, 14, 15],
+           [0, 1, 3, 4, 5, 7, 8, 9, 15, 16], [1, 4, 5, 6, 9, 10, 13, 14, 15, 16]]),
+    151: ([1, 8, 19, 59, 64], [1, 2, 3, 4, 5, 6, 9, 10, 11, 12, 15, 22, 27, 29, 30],
+          [[0, 3, 5, 6, 8, 11, 13, 14, 16, 19, 21, 23, 25, 27, 28],
+           [2, 3, 6, 13, 16, 17, 20, 23, 25, 26, 27, 28, 29],
+           [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 23, 24, 27, 28],
+           [1, 4, 5, 10, 11, 12, 13, 14, 16, 18, 19, 22, 25, 26, 27, 28]]),
+    163: ([1, 38, 40, 53, 58, 85, 104, 133, 140], [1, 2, 3, 5, 6, 9, 10, 15, 18],
+          [[0, 2, 5, 6, 9, 10, 13, 14, 17], [0, 1, 7, 10, 12, 15, 16, 17],
+           [0, 1, 3, 5, 8, 13, 15, 16, 17], [3, 6, 7, 8, 11, 12, 13, 14, 16, 17]]),
+    191: ([1, 39, 184, 109, 49], [1, 2, 3, 4, 6, 8, 9, 11, 12, 13, 16, 17, 18, 19, 22, 32, 36, 38, 41],
+          [[1, 7, 9, 10, 11, 13, 17, 18, 25, 26, 30, 31, 33, 34, 35, 36, 37],
+           [1, 4, 7, 9, 11, 12, 13, 14, 19, 21, 22, 23, 24, 25, 26, 29, 36, 37],
+           [0, 3, 4, 5, 7, 8, 9, 16, 17, 19, 24, 25, 29, 30, 31, 33, 35, 37],
+           [1, 3, 4, 5, 8, 11, 14, 18, 19, 20, 21, 23, 24, 25, 28, 29, 30, 32, 34, 35]]),
+    219: ([1, 4, 16, 37, 55, 64, 148, 154, 178], [1, 2, 3, 5, 7, 9, 11, 15, 19, 22, 23, 33, [73]],
+          [[1, 3, 5, 6, 8, 11, 12, 15, 17, 18, 21, 22, 24], [2, 6, 8, 10, 11, 12, 13, 16, 19, 22, 23, 24],
+           [0, 1, 5, 6, 10, 11, 13, 14, 17, 20, 21, 24, 25], [0, 2, 3, 4, 5, 6, 7, 11, 12, 13, 16, 20, 23]]),
+    239: ([1, 10, 24, 44, 98, 100, 201], [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 14, 15, 18, 21, 28, 35, 42],
+          [[0, 1, 2, 3, 4, 5, 6, 7, 14, 18, 19, 21, 24, 25, 29, 30],
+           [0, 1, 3, 7, 9, 12, 15, 18, 20, 22, 26, 28, 29, 30, 31, 32, 33],
+           [2, 3, 4, 5, 8, 9, 10, 11, 13, 17, 19, 21, 22, 24, 27, 31, 32],
+           [0, 1, 2, 3, 6, 7, 8, 11, 13, 15, 17, 18, 19, 22, 25, 26, 27, 32, 33]]),
+    251: ([1, 20, 113, 149, 219],
+          [1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 14, 15, 17, 18, 19, 21, 28, 30, 33, 34, 35, 41, 43, 45, 68],
+          [[2, 6, 8, 10, 12, 13, 14, 15, 16, 18, 19, 20, 21, 22, 23, 27, 28, 35, 36, 39, 41, 43, 44, 47, 48],
+           [2, 5, 10, 11, 17, 18, 21, 23, 24, 25, 26, 28, 29, 30, 34, 35, 38, 39, 40, 41, 42, 43, 44, 49],
+           [0, 2, 6, 7, 10, 11, 14, 15, 16, 18, 21, 22, 24, 26, 30, 35, 37, 38, 45, 46, 47, 48, 49],
+           [1, 2, 3, 4, 8, 9, 12, 17, 21, 22, 27, 28, 29, 30, 33, 34, 39, 41, 42, 43, 46, 47, 48]]),
+}
+
+
+def _sds_rows(t: int) -> list[np.ndarray]:
+    """The four +-1 first rows (-1 on S_k) from the coset description in _SDS."""
+    h, reps, index_sets = _SDS[t]
+    cosets: list[set[int]] = []
+    for a in reps:
+        even = {x % t for x in a} if isinstance(a, list) else {a * x % t for x in h}
+        cosets += [even, {-x % t for x in even}]
+    rows = []
+    for js in index_sets:
+        row = np.ones(t, dtype=np.int64)
+        for j in js:
+            row[list(cosets[j]) if j >= 0 else [0]] = -1
+        rows.append(row)
+    return rows
+
 
 def _pm(s: str) -> np.ndarray:
     return np.array([{"+": 1, "-": -1, "0": 0}[c] for c in s], dtype=np.int64)
@@ -196,12 +263,12 @@ def _circulant(a: np.ndarray) -> np.ndarray:
 
 
 def _goethals_seidel(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Goethals-Seidel array of four circulants (R the back-diagonal identity)."""
-    r = np.eye(len(a), dtype=np.int64)[::-1]
-    return np.block([[a, b @ r, c @ r, d @ r],
-                     [-b @ r, a, -d.T @ r, c.T @ r],
-                     [-c @ r, d.T @ r, a, -b.T @ r],
-                     [-d @ r, -c.T @ r, b.T @ r, a]])
+    """Goethals-Seidel array of four circulants; X R (R the back-diagonal identity) reverses X's columns."""
+    br, cr, dr, btr, ctr, dtr = (x[:, ::-1] for x in (b, c, d, b.T, c.T, d.T))
+    return np.block([[a, br, cr, dr],
+                     [-br, a, -dtr, ctr],
+                     [-cr, dtr, a, -btr],
+                     [-dr, -ctr, btr, a]])
 
 
 @functools.cache
@@ -271,8 +338,9 @@ def _miyamoto(q: int, hadamard: Callable[[int], np.ndarray]) -> np.ndarray:
 
 
 def recipe(m: int, constructible: Callable[[int], bool]) -> tuple | None:
-    """How order m is built here, or None: ("williamson", w), ("t-matrices", t), ("cooper-wallis", t, w) or
-    ("miyamoto", q). `constructible` answers whether an order has any construction (for Miyamoto's q - 1)."""
+    """How order m is built here, or None: ("williamson", w), ("t-matrices", t), ("sds", t),
+    ("cooper-wallis", t, w) or ("miyamoto", q). `constructible` answers whether an order has any construction
+    (for Miyamoto's q - 1)."""
     if m % 4 or m < 12:
         return None
     t = m // 4
@@ -280,6 +348,8 @@ def recipe(m: int, constructible: Callable[[int], bool]) -> tuple | None:
         return ("williamson", t)
     if t in _T_MATRICES:
         return ("t-matrices", t)
+    if t in _SDS:
+        return ("sds", t)
     sources = _t_sources()
     for ts in sorted(sources, reverse=True):  # longest T-sequences first: the smallest Williamson factor
         if t % ts == 0 and (t // ts == 1 or t // ts in _symmetric_williamson()):
@@ -301,6 +371,8 @@ def build(m: int, hadamard: Callable[[int], np.ndarray], constructible: Callable
             x1, x2, x3, x4 = seqs
             seqs = [x1 + x2 + x3 + x4, -x1 + x2 + x3 - x4, -x1 - x2 + x3 + x4, -x1 + x2 - x3 + x4]
         h = _goethals_seidel(*(_circulant(s) for s in seqs))
+    elif how[0] == "sds":
+        h = _goethals_seidel(*(_circulant(s) for s in _sds_rows(how[1])))
     elif how[0] == "cooper-wallis":
         t_seqs = _t_sources()[how[1]]()
         if not _aperiodic_ok(t_seqs):

@@ -8,7 +8,7 @@ import pytest
 
 from spinquant_onnx import hadamard_sequences
 from spinquant_onnx.errors import UnsupportedSizeError
-from spinquant_onnx.hadamard import _reachable, base_matrix, decompose, hadamard_matrix, hadamard_transform
+from spinquant_onnx.hadamard import _reachable, _split, base_matrix, decompose, hadamard_matrix, hadamard_transform
 from spinquant_onnx.rotations import make_rotation
 
 # Multiples of 4 up to 1024 that Sylvester, Paley I/II and their Kronecker products miss (issue #20).
@@ -17,9 +17,8 @@ CLASSIC_MISSES = [
     508, 520, 532, 536, 584, 596, 604, 612, 652, 668, 712, 716, 732, 756, 764, 772, 808, 836, 852, 856, 872, 876,
     892, 904, 932, 940, 944, 952, 956, 964, 980, 988, 996, 1004, 1012, 1016,
 ]
-# Still missing: 668, 716 and 892 have no known Hadamard matrix; the others need published supplementary
-# difference sets (Djokovic) that are not tabulated here yet.
-STILL_MISSING = [412, 508, 604, 652, 668, 716, 764, 876, 892, 956, 1004, 1016]
+# Still missing: no Hadamard matrix of these orders is known.
+STILL_MISSING = [668, 716, 892]
 REACHED = [n for n in CLASSIC_MISSES if n not in STILL_MISSING]
 
 
@@ -38,14 +37,15 @@ def test_every_claimed_order_is_hadamard(n: int) -> None:
 def test_missing_orders_and_counts() -> None:
     missing = [n for n in range(4, 1025, 4) if decompose(n) is None]
     assert missing == STILL_MISSING
-    assert sum(decompose(n) is not None for n in range(4, 1025, 4)) == 244  # of 256 (198 before)
-    assert sum(decompose(n) is not None for n in range(1, 16385)) == 3103  # orders 1, 2, 4k (2450 before)
+    assert sum(decompose(n) is not None for n in range(4, 1025, 4)) == 253  # of 256 (198 before)
+    assert sum(decompose(n) is not None for n in range(1, 16385)) == 3142  # orders 1, 2, 4k (2450 before)
 
 
 def test_each_construction_is_used() -> None:
-    kinds = {n: hadamard_sequences.recipe(n, _reachable) for n in (92, 188, 268, 292, 476)}
+    kinds = {n: hadamard_sequences.recipe(n, _reachable) for n in (92, 188, 268, 292, 476, 764)}
     assert kinds == {
         92: ("williamson", 23),
+        764: ("sds", 191),
         188: ("cooper-wallis", 47, 1),  # T-sequences from Turyn-type TT(16)
         268: ("t-matrices", 67),
         292: ("miyamoto", 73),
@@ -58,14 +58,22 @@ def test_classic_orders_keep_their_matrices() -> None:
     # 344 = 2 * 172 is now reachable with a smaller base, but the Paley I matrix it always had is kept.
     assert decompose(11008) == (344, 32)
     assert decompose(344) == (344, 1)
-    np.testing.assert_array_equal(base_matrix(1904), np.kron(base_matrix(28), base_matrix(68)))
+    assert decompose(1904) == (1904, 1) and _split(1904) == (28, 68)
+
+
+def test_a_corrupted_table_entry_is_caught_when_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b, c, d = hadamard_sequences._WILLIAMSON[23]
+    broken = ("-" + a[1:], b, c, d)
+    monkeypatch.setitem(hadamard_sequences._WILLIAMSON, 23, broken)
+    with pytest.raises(AssertionError, match="order 92"):
+        hadamard_sequences.build(92, hadamard_matrix, _reachable)
 
 
 def test_new_orders_compose_by_kronecker() -> None:
     assert decompose(13696) == (428, 32)  # GLM-4-9B's intermediate size
     assert decompose(856) == (428, 2)
-    assert decompose(3504) == (3504, 1)  # 12 * 292: a Kronecker split with a Miyamoto factor
-    np.testing.assert_array_equal(base_matrix(3504), np.kron(base_matrix(12), base_matrix(292)))
+    assert decompose(5360) == (5360, 1)  # 20 * 268: a Kronecker split with a T-matrix factor
+    assert _split(5360, True) == (20, 268) and _split(5360) is None
 
 
 @pytest.mark.parametrize("transpose", [False, True])
@@ -100,7 +108,7 @@ def test_rotation_of_a_new_order() -> None:
     np.testing.assert_allclose(r.apply_transpose(r.apply(x, 1), 1), x, atol=1e-5)
 
 
-@pytest.mark.parametrize("n", [412, 12224, 668])  # 12224 = 764 * 16
+@pytest.mark.parametrize("n", [668, 716, 11456])  # 11456 = 716 * 16
 def test_still_missing_orders_point_to_the_alternatives(n: int) -> None:
     with pytest.raises(UnsupportedSizeError, match="random-orthogonal") as info:
         make_rotation("hadamard", n)

@@ -121,9 +121,9 @@ def test_block_size_must_divide() -> None:
 def test_unsupported_hadamard_size() -> None:
     for kind in ("hadamard", "random-hadamard"):
         with pytest.raises(UnsupportedSizeError, match="random-orthogonal"):
-            make_rotation(kind, 412)
-    make_rotation("random-orthogonal", 412)
-    make_rotation("hadamard", 412, block_size=4)
+            make_rotation(kind, 668)
+    make_rotation("random-orthogonal", 668)
+    make_rotation("hadamard", 668, block_size=4)
 
 
 def test_unknown_kind_and_axis_mismatch() -> None:
