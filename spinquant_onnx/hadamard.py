@@ -4,9 +4,9 @@ T-sequences or difference sets, Cooper-Wallis, Miyamoto) and their Kronecker pro
 transform that never builds the dense matrix.
 
 An order n is handled as n = m * 2**k: the 2**k part is a Sylvester factor applied with O(n log n)
-butterflies, the (small) base order m is a Paley matrix or a Kronecker product of Paley matrices, applied as
-one dense m x m product. The dense matrix is H_n = kron(base_matrix(m), sylvester(2**k)), i.e. the index is
-i = i_m * 2**k + i_2.
+butterflies, the (small) base order m is a Paley matrix, a sequence construction or a Kronecker product of
+those, applied as one dense m x m product. The dense matrix is H_n = kron(base_matrix(m), sylvester(2**k)),
+i.e. the index is i = i_m * 2**k + i_2.
 """
 
 from __future__ import annotations
