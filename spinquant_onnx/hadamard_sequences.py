@@ -10,7 +10,7 @@ A A^T + B B^T + C C^T + D D^T = 4t I, any symmetry):
   from Turyn-type sequences TT(n) (t = 3n - 1, via base sequences) or Turyn sequences (t = 2l - 1, 4l - 1),
   and T-matrices of order 67 (periodic): 4t.
 - Cooper-Wallis: T-sequences of length t times symmetric Williamson matrices of order w (4tw).
-- Miyamoto: a Paley conference matrix of prime order q + 1 (q = 1 mod 4) and any Hadamard matrix of order q - 1.
+- Miyamoto: the Paley conference matrix of order q + 1 (q a prime, q = 1 mod 4) and any H(q - 1): 4q.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = ["build", "recipe"]
 
 # Williamson-type quadruples (first rows of four circulants, '+' = 1, '-' = -1), as tabulated in SageMath's
 # sage/combinat/matrices/hadamard_matrix.py (williamson_type_quadruples_smallcases): w = 3..29, 37, 43 from
-# M. Hall, Combinatorial Theory (1986); w = 31, 33, 39, 41, 45, 49, 51, 55, 57, 61, 63 from S. London,
+# M. Hall, Combinatorial Theory, 2nd ed., Wiley; w = 31, 33, 39, 41, 45, 49, 51, 55, 57, 61, 63 from S. London,
 # "Constructing new turyn type sequences, T-sequences and Hadamard matrices", PhD thesis, UIC (2013).
 _WILLIAMSON = {
     1: ("+", "+", "+", "+"),
