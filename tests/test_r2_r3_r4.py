@@ -176,8 +176,18 @@ def test_r4_on_a_paley_intermediate_is_exact() -> None:
     assert result.rel_l2 < EXACT and result.argmax_agreement == 1.0
 
 
+def test_r4_on_a_williamson_intermediate_is_exact() -> None:
+    original = _with_intermediate("llama_ts.onnx", 92)  # 92 = 4 * 23: Williamson quadruple (hadamard_sequences)
+    rotated = onnx.ModelProto()
+    rotated.CopyFrom(original)
+    report = apply_spinquant(rotated, r4=True).to_dict()
+    assert report["rotation"]["r4"][0]["order"] == 92
+    result = compare_models(original, rotated, providers=["cpu"], threshold=EXACT)
+    assert result.rel_l2 < EXACT and result.argmax_agreement == 1.0
+
+
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("n", [2, 12, 16, 20, 96, 128, 576])
+@pytest.mark.parametrize("n", [2, 12, 16, 20, 92, 96, 128, 576, 856])
 @pytest.mark.parametrize("elem_type", [TensorProto.FLOAT, TensorProto.FLOAT16])
 def test_online_hadamard_forms_match_the_rotation(method: str, n: int, elem_type: int) -> None:
     built = hadamard_nodes("x", n, elem_type, prefix="h", opset=17, method=method, out="y")

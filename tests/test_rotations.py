@@ -17,6 +17,7 @@ CASES = [
     ("hadamard", 640, None),  # 20 * 32, Paley I: not symmetric, so transposes matter
     ("hadamard", 640, 128),
     ("hadamard", 96, 24),
+    ("hadamard", 856, None),  # 428 * 2: T-sequences from Turyn-type sequences (hadamard_sequences)
     ("random-hadamard", 128, None),
     ("random-hadamard", 576, None),
     ("random-hadamard", 96, 12),
@@ -120,9 +121,9 @@ def test_block_size_must_divide() -> None:
 def test_unsupported_hadamard_size() -> None:
     for kind in ("hadamard", "random-hadamard"):
         with pytest.raises(UnsupportedSizeError, match="random-orthogonal"):
-            make_rotation(kind, 92)
-    make_rotation("random-orthogonal", 92)
-    make_rotation("hadamard", 92, block_size=4)
+            make_rotation(kind, 668)
+    make_rotation("random-orthogonal", 668)
+    make_rotation("hadamard", 668, block_size=4)
 
 
 def test_unknown_kind_and_axis_mismatch() -> None:

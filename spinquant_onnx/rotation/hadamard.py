@@ -1,10 +1,12 @@
-"""Hadamard matrices of every order reachable from Sylvester, Paley I/II and Kronecker products, and a fast
+"""Hadamard matrices of every order reachable from Sylvester, Paley I/II and Kronecker products, then (only
+where those miss) from the sequence constructions of hadamard_sequences (Williamson, Goethals-Seidel with
+T-sequences or difference sets, Cooper-Wallis, Miyamoto) and their Kronecker products; and a fast
 transform that never builds the dense matrix.
 
 An order n is handled as n = m * 2**k: the 2**k part is a Sylvester factor applied with O(n log n)
-butterflies, the (small) base order m is a Paley matrix or a Kronecker product of Paley matrices, applied as
-one dense m x m product. The dense matrix is H_n = kron(base_matrix(m), sylvester(2**k)), i.e. the index is
-i = i_m * 2**k + i_2.
+butterflies, the (small) base order m is a Paley matrix, a sequence construction or a Kronecker product of
+those, applied as one dense m x m product. The dense matrix is H_n = kron(base_matrix(m), sylvester(2**k)),
+i.e. the index is i = i_m * 2**k + i_2.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import numpy as np
 
 from spinquant_onnx.errors import UnsupportedSizeError
+from spinquant_onnx.rotation import hadamard_sequences
 
 __all__ = [
     "base_matrix",
@@ -63,10 +66,12 @@ def _paley_kind(m: int) -> int | None:
 
 
 @functools.lru_cache(maxsize=4096)
-def _split(m: int) -> tuple[int, int] | None:
-    """(a, m // a), the Kronecker split with the smallest constructible a > 1, or None if m has no split."""
+def _split(m: int, extended: bool = False) -> tuple[int, int] | None:
+    """(a, m // a), the Kronecker split with the smallest constructible a > 1, or None if m has no split;
+    `extended` lets the factors use the sequence constructions too."""
+    ok = _reachable if extended else _constructible
     for a in range(2, math.isqrt(m) + 1):
-        if m % a == 0 and _constructible(a) and _constructible(m // a):
+        if m % a == 0 and ok(a) and ok(m // a):
             return a, m // a
     return None
 
@@ -76,16 +81,25 @@ def _constructible(m: int) -> bool:
     return _is_power_of_two(m) or _paley_kind(m) is not None or _split(m) is not None
 
 
+@functools.lru_cache(maxsize=4096)
+def _reachable(m: int) -> bool:
+    """Constructible, or built from sequences, or a Kronecker product involving those. Used only where the
+    classic constructions miss, so every order they reach keeps the matrix it always had."""
+    return _constructible(m) or hadamard_sequences.recipe(m, _reachable) is not None or _split(m, True) is not None
+
+
 def decompose(n: int) -> tuple[int, int] | None:
     """(m, 2**k) with n = m * 2**k and m the smallest constructible base order, so the fast butterfly part is
-    as large as possible; None when no Sylvester/Paley/Kronecker construction reaches n."""
+    as large as possible; None when no construction reaches n. Sylvester/Paley/Kronecker bases come first
+    (the matrices of those orders stay as they were), the sequence constructions only where those miss."""
     if n < 1:
         return None
     k = (n & -n).bit_length() - 1
-    for j in range(k, -1, -1):
-        m = n >> j
-        if _constructible(m):  # m is odd or a non-power of two here, except m == 1
-            return m, 1 << j
+    for ok in (_constructible, _reachable):
+        for j in range(k, -1, -1):
+            m = n >> j
+            if ok(m):  # m is odd or a non-power of two here, except m == 1
+                return m, 1 << j
     return None
 
 
@@ -99,7 +113,7 @@ def unsupported(n: int) -> UnsupportedSizeError:
     if n > 2 and n % 4:
         why = "Hadamard orders above 2 are multiples of 4"
     else:
-        why = "Sylvester, Paley I/II and their Kronecker products do not reach it"
+        why = "no Sylvester, Paley, Williamson, T-sequence, difference-set, Miyamoto or Kronecker construction"
     d = largest_supported_divisor(n) if n >= 1 else 1
     block = f" or a block size that divides {n} (e.g. {d})" if d > 1 else ""
     return UnsupportedSizeError(
@@ -228,12 +242,17 @@ def _paley(m: int, kind: int) -> np.ndarray:
 @functools.lru_cache(maxsize=32)
 def base_matrix(m: int) -> np.ndarray:
     """The +-1 float64 Hadamard matrix of base order m (read-only, cached): Sylvester if m is a power of two,
-    else Paley I/II, else the Kronecker product of the smallest constructible split."""
+    else Paley I/II, else the Kronecker product of the smallest constructible split, else (orders those miss)
+    a sequence construction or a Kronecker split using one."""
     if _is_power_of_two(m):
         h = sylvester(m)
     elif (kind := _paley_kind(m)) is not None:
         h = _paley(m, kind)
     elif (ab := _split(m)) is not None:
+        h = np.kron(base_matrix(ab[0]), base_matrix(ab[1]))
+    elif hadamard_sequences.recipe(m, _reachable) is not None:  # verified when built
+        h = hadamard_sequences.build(m, hadamard_matrix, _reachable)
+    elif (ab := _split(m, True)) is not None:
         h = np.kron(base_matrix(ab[0]), base_matrix(ab[1]))
     else:
         raise unsupported(m)
