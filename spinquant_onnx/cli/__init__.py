@@ -13,10 +13,10 @@ import sys
 import threading
 import traceback
 
+from spinquant_onnx import __version__
 from spinquant_onnx.cli import eval as eval_cli
 from spinquant_onnx.cli import inspect, rotate
 from spinquant_onnx.cli import vlm as vlm_cli
-from spinquant_onnx import __version__
 from spinquant_onnx.cli.common import quiet_runtime_logs, say
 from spinquant_onnx.errors import SpinQuantError
 

@@ -128,7 +128,10 @@ def _data_file_message(path: Path) -> str:
         }
         if path.name in locations:
             return f"{path}: this is the external data file of {candidate}; pass {candidate.name} instead"
-    return f"{path}: looks like an external data file (raw tensor bytes), not an ONNX model; pass the .onnx file that uses it"
+    return (
+        f"{path}: looks like an external data file (raw tensor bytes), not an ONNX model; "
+        "pass the .onnx file that uses it"
+    )
 
 
 def check_model_structure(model: onnx.ModelProto, path: Path) -> None:
