@@ -7,11 +7,12 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 from conftest import FIXTURES
 
 from spinquant_onnx import __version__
@@ -21,9 +22,24 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPORTERS = FIXTURES / "exporters"
 
 
-def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spinquant_onnx.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, **kwargs)
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capfd: pytest.CaptureFixture[str]):
+    """The real command line in this process (main(argv)); stdout/stderr captured at the descriptor level."""
+
+    def run(*args: str) -> Done:
+        capfd.readouterr()
+        code = main(list(args))
+        captured = capfd.readouterr()
+        return Done(code, captured.out, captured.err)
+
+    return run
 
 
 # ------------------------------------------------------------------------------------- install and README
@@ -78,9 +94,10 @@ def test_install_script_checks_the_imported_copy_is_this_checkout() -> None:
 # ------------------------------------------------------------------------------------------ small manners
 
 
-def test_version_and_debug_after_the_subcommand() -> None:
-    done = cli("--version")
-    assert done.returncode == 0 and done.stdout.strip() == f"spinquant-onnx {__version__}"
+def test_version_and_debug_after_the_subcommand(cli, capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capfd.readouterr().out.strip() == f"spinquant-onnx {__version__}"
     done = cli("inspect", str(FIXTURES / "llama_ts.onnx"), "--debug")
     assert done.returncode == 0, done.stderr
     missing = cli("inspect", "nowhere.onnx", "--debug")
@@ -98,7 +115,7 @@ def test_inspect_into_head_exits_quietly() -> None:
     assert stderr == ""
 
 
-def test_inspect_json_creates_its_folder_and_reports_heads(tmp_path: Path) -> None:
+def test_inspect_json_creates_its_folder_and_reports_heads(cli, tmp_path: Path) -> None:
     target = tmp_path / "new" / "deeper" / "roles.json"
     done = cli("inspect", str(EXPORTERS / "genai_llama" / "model.onnx"), "--json", str(target))
     assert done.returncode == 0, done.stderr
@@ -116,14 +133,14 @@ def test_inspect_json_creates_its_folder_and_reports_heads(tmp_path: Path) -> No
                  "--providers", "cpu"]) == 0
 
 
-def test_inspect_says_all_rotations_possible_on_a_plain_export() -> None:
+def test_inspect_says_all_rotations_possible_on_a_plain_export(cli) -> None:
     done = cli("inspect", str(FIXTURES / "qwen3_ts.onnx"))
     assert done.returncode == 0, done.stderr
     for name in ("R1", "R2", "R3", "R4"):
         assert f"{name}: possible" in done.stdout
 
 
-def test_external_data_file_names_its_model() -> None:
+def test_external_data_file_names_its_model(cli) -> None:
     done = cli("inspect", str(EXPORTERS / "genai_llama" / "model.onnx.data"))
     assert done.returncode == 2
     assert "this is the external data file of" in done.stderr
@@ -132,20 +149,20 @@ def test_external_data_file_names_its_model() -> None:
 
 def test_onnxruntime_log_lines_stay_off_stderr(tmp_path: Path) -> None:
     """A run that fails inside onnxruntime prints our one line and nothing of ORT's own logging."""
-    from test_reliability import _fails_at_run  # the reliability suite's model that ORT refuses at run time
-
     import onnx
+    from test_reliability import _fails_at_run  # the reliability suite's model that ORT refuses at run time
 
     path = tmp_path / "m.onnx"
     onnx.save(_fails_at_run(), str(path))
-    done = cli("rotate", str(path), str(tmp_path / "r.onnx"), "--validate")
+    done = subprocess.run([sys.executable, "-m", "spinquant_onnx.cli", "rotate", str(path), str(tmp_path / "r.onnx"),
+                           "--validate"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("spinquant-onnx: error:"), done.stderr
     assert "[E:onnxruntime" not in done.stderr and "[W:onnxruntime" not in done.stderr
 
 
-def test_role_map_with_null_hidden_size_is_one_line(tmp_path: Path) -> None:
+def test_role_map_with_null_hidden_size_is_one_line(cli, tmp_path: Path) -> None:
     roles = tmp_path / "roles.json"
     assert main(["inspect", str(FIXTURES / "llama_ts.onnx"), "--json", str(roles)]) == 0
     data = json.loads(roles.read_text())
@@ -160,7 +177,7 @@ def test_role_map_with_null_hidden_size_is_one_line(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------- rotate summary
 
 
-def test_summary_names_everything_and_report_keeps_an_r1_only_file(tmp_path: Path) -> None:
+def test_summary_names_everything_and_report_keeps_an_r1_only_file(cli, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     q, _ = np.linalg.qr(rng.standard_normal((64, 64)))
     q += 3e-6 * rng.standard_normal(q.shape)  # off orthogonal by ~1e-5: snapped back, and the report says so
@@ -183,7 +200,7 @@ def test_summary_names_everything_and_report_keeps_an_r1_only_file(tmp_path: Pat
     assert any("--rotation ignored" in w for w in data["warnings"])
 
 
-def test_block_size_precision_and_seed_in_the_summary(tmp_path: Path) -> None:
+def test_block_size_precision_and_seed_in_the_summary(cli, tmp_path: Path) -> None:
     done = cli("rotate", str(FIXTURES / "llama_ts.onnx"), str(tmp_path / "r.onnx"), "--rotation",
                "random-hadamard", "--seed", "5", "--block-size", "16", "--precision", "float32")
     assert done.returncode == 0, done.stderr
@@ -200,13 +217,13 @@ def test_block_size_precision_and_seed_in_the_summary(tmp_path: Path) -> None:
         (["--providers", "cpu"], "--providers is ignored without --validate"),
     ],
 )
-def test_ignored_options_warn(extra: list[str], warning: str, tmp_path: Path) -> None:
+def test_ignored_options_warn(cli, extra: list[str], warning: str, tmp_path: Path) -> None:
     done = cli("rotate", str(FIXTURES / "llama_ts.onnx"), str(tmp_path / "r.onnx"), *extra)
     assert done.returncode == 0, done.stderr
     assert f"spinquant-onnx: warning: {warning}" in done.stderr
 
 
-def test_cuda_asked_but_absent_warns(tmp_path: Path) -> None:
+def test_cuda_asked_but_absent_warns(cli, tmp_path: Path) -> None:
     import onnxruntime as ort
 
     from spinquant_onnx.core.equivalence import resolve_providers
@@ -220,10 +237,12 @@ def test_cuda_asked_but_absent_warns(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("size", ["0", "-4"])
-def test_block_size_zero_or_negative_is_refused_as_such(size: str, tmp_path: Path) -> None:
-    done = cli("rotate", str(FIXTURES / "llama_ts.onnx"), str(tmp_path / "r.onnx"), f"--block-size={size}")
-    assert done.returncode == 2
-    assert f"argument --block-size: must be a positive integer, got {int(size)}" in done.stderr
+def test_block_size_zero_or_negative_is_refused_as_such(size: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["rotate", str(FIXTURES / "llama_ts.onnx"), str(tmp_path / "r.onnx"), f"--block-size={size}"])
+    assert exited.value.code == 2
+    assert f"argument --block-size: must be a positive integer, got {int(size)}" in capsys.readouterr().err
     assert not (tmp_path / "r.onnx").exists()
 
 

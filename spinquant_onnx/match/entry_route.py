@@ -237,6 +237,12 @@ def check_routes_closed(index: GraphIndex, routes: list[Route]) -> None:
     for route in routes:
         tensors = [*route.inputs, *(node.output[0] for node in route.nodes[1:])]
         for name in tensors:
+            exit_name = index.exits_graph(name)
+            if exit_name:
+                raise UnsupportedGraphError(
+                    f"'{name}' enters the residual stream (routed from graph input '{route.inputs[0]}') and "
+                    f"reaches graph output '{exit_name}', which would hold the rotated values"
+                )
             for use in index.value_users(name):
                 if id(use.node) not in on_route:
                     raise UnsupportedGraphError(
