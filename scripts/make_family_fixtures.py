@@ -194,6 +194,18 @@ FEATURES = {
 }
 
 
+# Eager transformers-5 exports that fixtures/*.onnx and fixtures/exporters/gemma3_* already cover (same
+# family, exporters and attention; llama_h320 is the MQA one): not repeated here to keep the folder small.
+# transformers 4.5x: eager attention through TorchScript only, also to keep the folder small.
+COVERED = {
+    ("llama", "eager", 5),
+    ("qwen3", "eager", 5),
+    ("mistral", "eager", 5),
+    ("gemma3", "eager", 5),
+    ("llama_mqa", "eager", 5),
+}
+
+
 def _jobs() -> list[Job]:
     jobs: list[Job] = []
 
@@ -234,14 +246,25 @@ def _jobs() -> list[Job]:
             if tf == 4 and short not in fams14_tf4:
                 continue
             for attn in ("eager", "sdpa"):
-                both(f"{short}_{attn}_tf{tf}", fam, 14, tf=tf, attn=attn, cfg=dict(cfg))
+                for exp, tag in (("torchscript", "ts17"), ("dynamo", "dy18")):
+                    if (short, attn, tf) in COVERED or (tf == 4 and attn == "eager" and exp == "dynamo"):
+                        continue
+                    jobs.append(Job(f"{short}_{attn}_tf{tf}_{tag}", fam, exp, 14, tf=tf, attn=attn, cfg=dict(cfg)))
     jobs.append(Job("llama_kv_ts17", "llama", "torchscript", 14, kind="kv"))
     jobs.append(Job("qwen3_kv_ts17", "qwen3", "torchscript", 14, kind="kv"))
     both("deepseek_v3_mla", "deepseek_v3", 14)
     # Issue 15: MoE, LayerNorm families, post-norm, multipliers, no final norm, unoptimized, split.
-    for fam in ("mixtral", "qwen2_moe", "qwen3_moe"):
-        both(fam, fam, 15)
-    both("deepseek_v3_moe", "deepseek_v3", 15, cfg={"first_k_dense_replace": 1})
+    # transformers 5's default experts: TorchScript meets aten::histc (eager loop), dynamo a
+    # transformers::grouped_mm_fallback custom op; neither exports. The *_bmm jobs use the batched_mm experts
+    # implementation (same function: every token through its own top-k experts, batched matmuls).
+    for fam, short, cfg in (
+        ("mixtral", "mixtral", {}),
+        ("qwen2_moe", "qwen2_moe", {}),
+        ("qwen3_moe", "qwen3_moe", {}),
+        ("deepseek_v3", "deepseek_v3_moe", {"first_k_dense_replace": 1}),
+    ):
+        both(short, fam, 15, cfg=dict(cfg))
+        both(f"{short}_bmm", fam, 15, cfg=dict(cfg), experts="batched_mm")
     for fam in (
         "gpt2",
         "gpt_neox",
@@ -486,8 +509,13 @@ def _compare(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     }
 
 
+PHASE = ["build"]  # where the current job is, for the dropped entry's reason
+
+
 def _session(path: Path):
     import onnxruntime as ort
+
+    PHASE[0] = "onnxruntime on the check input"
 
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
@@ -499,7 +527,9 @@ def run_job(job: Job, out: Path) -> list[dict[str, Any]]:
 
     if job.exporter == "torchscript" and transformers.__version__.startswith("4."):
         patch_tf4_masks_for_torchscript()
+    PHASE[0] = "build"
     model, config = build(job)
+    PHASE[0] = "export"
     tmp = Path(tempfile.mkdtemp(prefix="fam_"))
     ids = _ids(TRACE_SHAPE, 0)
     mask = torch.ones_like(ids)
@@ -649,17 +679,67 @@ def manifest_entry(job: Job, config, file: str, cmp: dict, ok: bool) -> dict[str
 # ------------------------------------------------------------------------------------------ main
 
 
+HEADER = {
+    "generator": "scripts/make_family_fixtures.py (run with /work/venvs/fx5 and /work/venvs/fx4 pythons)",
+    "about": (
+        "fixtures: exports that match torch on an input other than the traced one (rel_l2_vs_torch, "
+        "max_rel_err_vs_torch = max|ort-torch| / max|torch|, argmax_agree_vs_torch); dropped: jobs that failed "
+        "to export or did not match torch, with why. Split models: 'parts' lists the graphs in order."
+    ),
+}
+
+
+def _write(manifest: dict, mpath: Path) -> None:
+    for sec in ("fixtures", "dropped"):
+        manifest[sec].sort(key=lambda e: e["file"])
+    mpath.write_text(json.dumps({**HEADER, **manifest}, indent=1) + "\n")
+
+
+def _prune(manifest: dict, out: Path) -> None:
+    """Forget entries (and files) of jobs no longer in JOBS."""
+    known = {f for j in JOBS for f in (f"{j.name}.onnx", f"{j.name}_part0.onnx", f"{j.name}_part1.onnx")}
+    for section in ("fixtures", "dropped"):
+        for e in [e for e in manifest[section] if e["file"] not in known]:
+            (out / e["file"]).unlink(missing_ok=True)
+            manifest[section].remove(e)
+
+
+def merge(src: Path, out: Path) -> int:
+    mpath = out / "manifest.json"
+    manifest = json.loads(mpath.read_text()) if mpath.exists() else {"fixtures": [], "dropped": []}
+    other = json.loads((src / "manifest.json").read_text())
+    names = {e["file"] for sec in ("fixtures", "dropped") for e in other[sec]}
+    for sec in ("fixtures", "dropped"):
+        manifest[sec] = [e for e in manifest[sec] if e["file"] not in names] + other[sec]
+    for e in other["fixtures"]:
+        (out / e["file"]).write_bytes((src / e["file"]).read_bytes())
+    for e in other["dropped"]:
+        (out / e["file"]).unlink(missing_ok=True)
+    _prune(manifest, out)
+    _write(manifest, mpath)
+    print(f"merged {src}: {len(manifest['fixtures'])} fixtures, {len(manifest['dropped'])} dropped")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT.relative_to(ROOT)})")
     ap.add_argument("--group", type=int, nargs="+", choices=[13, 14, 15], help="only jobs for these issues")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="only these jobs")
     ap.add_argument("--list", action="store_true", help="list the jobs and exit")
+    ap.add_argument(
+        "--merge-from",
+        type=Path,
+        metavar="DIR",
+        help="merge another run's output folder (e.g. the fx4 venv's, run in parallel with --out DIR) and exit",
+    )
     args = ap.parse_args(argv)
     if args.list:
         for j in JOBS:
             print(f"{j.name:32s} issue {j.group} tf{j.tf} {j.exporter} {j.attn} {j.dtype} {j.kind}")
         return 0
+    if args.merge_from:
+        return merge(args.merge_from, args.out)
     import torch
     import transformers
 
@@ -673,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     mpath = args.out / "manifest.json"
     manifest = json.loads(mpath.read_text()) if mpath.exists() else {"fixtures": [], "dropped": []}
+    _prune(manifest, args.out)
     for job in jobs:
         print(f"== {job.name}", flush=True)
         try:
@@ -689,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
                     "dtype": job.dtype,
                     "attn_implementation": job.attn,
                     "matches_torch": False,
-                    "why": f"export failed: {msg}",
+                    "why": f"{PHASE[0]} failed: {msg}",
                 }
             ]
         names = {e["file"] for e in entries}
@@ -712,9 +793,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 manifest["dropped"].append(e)
                 print(f"   DROPPED {e['file']}: {e['why']}", flush=True)
-        manifest["fixtures"].sort(key=lambda e: e["file"])
-        manifest["dropped"].sort(key=lambda e: e["file"])
-        mpath.write_text(json.dumps(manifest, indent=1) + "\n")
+        _write(manifest, mpath)
     total = sum(f.stat().st_size for f in args.out.glob("*.onnx"))
     print(f"{len(manifest['fixtures'])} fixtures, {total / 1e6:.1f} MB in {args.out}")
     return 0
