@@ -26,6 +26,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -771,7 +772,8 @@ def main(argv: list[str] | None = None) -> int:
             entries = run_job(job, args.out)
         except Exception as exc:  # noqa: BLE001 - an export failure is recorded, not fatal
             traceback.print_exc(limit=2)
-            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the dynamo exporter colours its messages
+            msg = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
             entries = [
                 {
                     "file": f"{job.name}.onnx",
