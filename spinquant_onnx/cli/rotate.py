@@ -85,7 +85,8 @@ def ignored_options(args: argparse.Namespace) -> list[str]:
                      "random-orthogonal for a seeded R1")
     if args.trust_roles and not args.roles:
         found.append("--trust-roles is ignored without --roles")
-    if args.providers and not args.validate:
+    validates = args.validate or bool(args.roles and not args.trust_roles)  # a role map forces validation
+    if args.providers and not validates:
         found.append("--providers is ignored without --validate (it picks where the check runs)")
     return found
 
