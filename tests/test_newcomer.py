@@ -85,6 +85,13 @@ def test_runtime_dependencies_cover_every_module_level_import() -> None:
     assert not {"torch", "aimet_onnx", "matplotlib"} & {d.split("=")[0] for d in provided}
 
 
+def test_tests_import_this_checkout() -> None:
+    """After `pip install .` then install.sh's editable install, the suite must test this tree, not a copy."""
+    import spinquant_onnx
+
+    assert Path(spinquant_onnx.__file__).resolve().parent.parent == ROOT
+
+
 def test_install_script_checks_the_imported_copy_is_this_checkout() -> None:
     script = (ROOT / "scripts" / "install.sh").read_text()
     assert 'pip install -e ".[test]"' in script
