@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from spinquant_onnx import checks
+from spinquant_onnx.core import gate
 from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedSizeError, ValidationFailedError
 from spinquant_onnx.graph_index import GraphIndex
 from spinquant_onnx.graph_io import (
@@ -285,6 +286,7 @@ def apply_spinquant(
     originals = list(graph.node)
     saved_nodes = [onnx.NodeProto.FromString(node.SerializeToString()) for node in originals]
     initializer_count = len(graph.initializer)
+    baseline = gate.input_baseline(proto)  # #13 hook: the input's structure, for the output gate
     try:
         analysis = analyze(proto, roles=opts.roles)
         plan, report = _plan(analysis, opts)
@@ -292,6 +294,7 @@ def apply_spinquant(
         checks.check_small_sources_finite(analysis.store, plan)
         compute = checks.checked_values(plan, analysis.store)
         values = {name: compute(name) for name in plan.targets}
+        gate.check_output(proto, baseline)  # #13 hook: structural output gate before anything is committed
     except BaseException:
         # Drop inserted nodes and restore the original ones *in place*: holders such as an AIMET sim keep
         # references to these node objects.
@@ -340,10 +343,12 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
     model = load_model(in_path)
     input_files = {in_path.resolve(), *external_files(model, in_path.parent)}
     checks.check_output_path(in_path, out_path, input_files - {in_path.resolve()}, in_place=opts.in_place)
+    baseline = gate.input_baseline(model)  # #13 hook: the input's structure, for the output gate
     analysis = analyze(model, in_path.parent, roles=opts.roles)
     if opts.roles is not None and not opts.trust_roles:
         opts.validate = True  # a hand-edited map may assert what the graph does not do: check the result
     plan, report = _plan(analysis, opts)
+    gate.check_output(model, baseline)  # #13 hook: structural output gate, before anything is written
     checks.preflight(model, analysis.store, plan, in_path.stat().st_size, validate=opts.validate)
     timings["analyze"] = round(time.perf_counter() - started, 4)
     staging = staging_dir(out_path)

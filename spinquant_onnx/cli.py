@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
     except SpinQuantError as exc:
         if args.debug:
             traceback.print_exc()
-        _say("error", exc)
+        _say("internal error" if exc.exit_code == 3 else "error", exc)  # #13: the output gate's refusal is exit 3
         return exc.exit_code
     except KeyboardInterrupt:
         _say("interrupted", "stopped before finishing; no partial output is left")

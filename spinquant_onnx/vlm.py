@@ -33,6 +33,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from spinquant_onnx import api, checks
+from spinquant_onnx.core import gate
 from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedGraphError, ValidationFailedError
 from spinquant_onnx.graph_index import TRANSPARENT_OPS, GraphIndex, node_label
 from spinquant_onnx.graph_io import (
@@ -531,6 +532,7 @@ def convert_vlm(
     started = time.perf_counter()
     paths = _Paths(backbone_path, visual_path, embedding_path, out_dir)
     model = load_model(paths.backbone)
+    baseline = gate.input_baseline(model)  # #13 hook: the input's structure, for the output gate
     analysis = api.analyze(model, paths.backbone.parent, roles=opts.roles)
     part = None
     if paths.visual is not None:
@@ -541,6 +543,7 @@ def convert_vlm(
         key, table = _single_table(contents, paths.embedding)
     vp = plan_vlm(analysis, part, table.shape if table is not None else None, opts)
     online = _insert_online(vp) if vp.mode == "online" else []
+    gate.check_output(model, baseline)  # #13 hook: structural output gate, before anything is written
     report = _report(vp, table, online)
     report.timings["plan"] = round(time.perf_counter() - started, 4)
 
