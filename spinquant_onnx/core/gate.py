@@ -18,38 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 from onnx import TensorProto
 
 from spinquant_onnx.errors import OutputGateError
+from spinquant_onnx.graph_index import weightless_view
 
-SMALL_ELEMENTS = 4096
 INSERTED_PREFIX = "spinquant/"
 _FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
-
-
-def weightless_view(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model's graph with large initializers replaced by typed inputs; no weight bytes are copied."""
-    view = onnx.ModelProto()
-    view.ir_version = model.ir_version
-    view.opset_import.extend(model.opset_import)
-    view.functions.extend(model.functions)
-    source, graph = model.graph, view.graph
-    graph.name = source.name
-    graph.node.extend(source.node)
-    graph.output.extend(source.output)
-    graph.value_info.extend(source.value_info)
-    graph.input.extend(source.input)
-    declared = {i.name for i in source.input}
-    for tensor in source.initializer:
-        count = int(np.prod(tensor.dims)) if tensor.dims else 1
-        external = tensor.data_location == TensorProto.EXTERNAL
-        if count <= SMALL_ELEMENTS and not external:
-            graph.initializer.append(tensor)
-        elif tensor.name not in declared:
-            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    return view
 
 
 @dataclass

@@ -14,8 +14,66 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from spinquant_onnx.graph_index import GraphIndex
+from spinquant_onnx.graph_index import TRANSPARENT_OPS, GraphIndex, weightless_view
 from spinquant_onnx.rotations import Rotation
+
+_SAME_TYPE_DEPTH = 64
+# Ops whose (first) output has the element type of their first input.
+_KEEPS_TYPE = frozenset(
+    {"Identity", "QcQuantizeOp", "Add", "Sub", "Mul", "Div", "Neg", "MatMul", "Gemm", "Transpose", "Reshape",
+     "Expand", "Unsqueeze", "Squeeze", "Concat", "Slice", "Split", "Tile", "Softmax", "Sigmoid", "Tanh", "Relu",
+     "Sqrt", "Reciprocal", "Pow", "Where", "SimplifiedLayerNormalization", "RMSNormalization",
+     "SkipSimplifiedLayerNormalization", "LayerNormalization", "Gather"}
+)  # fmt: skip
+
+
+def _inferred_types(index: GraphIndex) -> dict[str, int]:
+    """Element types from ONNX type inference on a weightless view, computed once per index (#13).
+
+    Exporters (TorchScript fp16, dynamo without value_info) often declare no type for the tensor an
+    online node reads; assuming float32 there makes the inserted MatMul mix types and ORT refuse the model.
+    """
+    cached = getattr(index, "_spinquant_inferred_types", None)
+    if cached is not None:
+        return cached
+    found: dict[str, int] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(weightless_view(index.model), strict_mode=False)
+        for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+            if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
+                found[info.name] = info.type.tensor_type.elem_type
+    except Exception:  # noqa: BLE001 - inference is a best effort here; the walk below and the gate remain
+        pass
+    index._spinquant_inferred_types = found  # type: ignore[attr-defined]
+    return found
+
+
+def tensor_elem_type(index: GraphIndex, tensor: str) -> int:
+    """The element type of ``tensor``: declared, else inferred, else followed back through its producers.
+
+    Refuses to guess: a tensor whose type cannot be established raises, rather than defaulting to float32.
+    """
+    name = tensor
+    for _ in range(_SAME_TYPE_DEPTH):
+        info = index.value_info.get(name)
+        if info is not None and info.type.tensor_type.elem_type:
+            return info.type.tensor_type.elem_type
+        if name in index.store:
+            return index.store.tensors[name].data_type
+        inferred = _inferred_types(index).get(name)
+        if inferred:
+            return inferred
+        producer = index.producer.get(name)
+        if producer is None or not producer.input:
+            break
+        if producer.op_type == "Cast":
+            return index.attr(producer, "to")
+        if producer.op_type not in _KEEPS_TYPE and producer.op_type not in TRANSPARENT_OPS:
+            break
+        name = producer.input[2 if producer.op_type == "Where" else 0]
+    from spinquant_onnx.errors import UnsupportedGraphError
+
+    raise UnsupportedGraphError(f"cannot tell the element type of '{tensor}' (no declared or inferable type)")
 
 
 @dataclass

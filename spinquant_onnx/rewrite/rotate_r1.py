@@ -8,11 +8,9 @@ the input axis of a reader.
 
 from __future__ import annotations
 
-import onnx
-
 from spinquant_onnx.graph_index import GraphIndex
 from spinquant_onnx.match.residual import Stream
-from spinquant_onnx.rewrite.online import OnlineRotation, insert_online_rotation
+from spinquant_onnx.rewrite.online import OnlineRotation, insert_online_rotation, tensor_elem_type
 from spinquant_onnx.rewrite.plan import TensorPlan, rotate
 from spinquant_onnx.rotations import Rotation
 
@@ -60,10 +58,7 @@ def insert_online_entries(index: GraphIndex, stream: Stream, rotation: Rotation)
 
 
 def _elem_type(index: GraphIndex, tensor: str) -> int:
-    info = index.value_info.get(tensor)
-    if info is not None and info.type.tensor_type.elem_type:
-        return info.type.tensor_type.elem_type
-    return onnx.TensorProto.FLOAT
+    return tensor_elem_type(index, tensor)  # #13: declared, else inferred; never an assumed float32
 
 
 def plan_r1(stream: Stream, rotation: Rotation, plan: TensorPlan) -> int:

@@ -23,6 +23,7 @@ from spinquant_onnx.graph_index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphInd
 from spinquant_onnx.hadamard import decompose
 from spinquant_onnx.match.heads import AttentionSite, op_axes, reshape_last_dim
 from spinquant_onnx.rewrite.fast_hadamard_nodes import insert_online_hadamard
+from spinquant_onnx.rewrite.online import tensor_elem_type
 
 # Ops that only move key entries around (the repeat_kv and transpose between the cache and the score MatMul).
 KEY_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Tile", "Concat"})
@@ -31,19 +32,8 @@ SEARCH_LIMIT = 80
 
 
 def activation_type(index: GraphIndex, node: onnx.NodeProto) -> int:
-    """Element type of a MatMul/Gemm's activations: from value_info, else what its weight arrives as."""
-    info = index.value_info.get(node.input[0])
-    if info is not None and info.type.tensor_type.elem_type:
-        return info.type.tensor_type.elem_type
-    name = node.input[1]
-    while name not in index.store:
-        producer = index.producer.get(name)
-        if producer is None:
-            return onnx.TensorProto.FLOAT
-        if producer.op_type == "Cast":
-            return index.attr(producer, "to")
-        name = producer.input[0]
-    return index.store.tensors[name].data_type
+    """Element type of a MatMul/Gemm's activations (its first input): declared, else inferred (#13)."""
+    return tensor_elem_type(index, node.input[0])
 
 
 def _is_score(index: GraphIndex, node: onnx.NodeProto) -> bool:
@@ -198,9 +188,10 @@ class R3Site:
     score: onnx.NodeProto
     query_edge: Use
     key_tensor: str
-    elem_type: int
+    elem_type: int  # of the queries' edge tensor
     caches: list[str]
     outputs: list[str]
+    key_elem_type: int = 0  # of the key tensor (each side typed from the tensor it reads, #13)
 
 
 def prepare_r3(index: GraphIndex, sites: list[AttentionSite]) -> list[R3Site]:
@@ -230,9 +221,10 @@ def prepare_r3(index: GraphIndex, sites: list[AttentionSite]) -> list[R3Site]:
                 score,
                 index.source_edge(score, 0),
                 key_tensor,
-                activation_type(index, site.q.linear.node),
+                tensor_elem_type(index, score.input[0]),
                 caches,
                 sorted(set(outputs)),
+                tensor_elem_type(index, key_tensor),
             )
         )
     return prepared
@@ -252,7 +244,11 @@ def insert_r3(index: GraphIndex, prepared: list[R3Site]) -> list[dict[str, Any]]
             readers=[(edge.node, edge.index)],
         )
         keys = insert_online_hadamard(
-            index, site.key_tensor, site.head_dim, elem_type=site.elem_type, reason=f"R3 keys, block {site.block}"
+            index,
+            site.key_tensor,
+            site.head_dim,
+            elem_type=site.key_elem_type or site.elem_type,
+            reason=f"R3 keys, block {site.block}",
         )
         report.append(
             {

@@ -16,8 +16,8 @@ from spinquant_onnx.hadamard import decompose, largest_supported_divisor
 from spinquant_onnx.match.linears import Linear
 from spinquant_onnx.match.roles import Roles
 from spinquant_onnx.rewrite.fast_hadamard_nodes import insert_online_hadamard
+from spinquant_onnx.rewrite.online import tensor_elem_type
 from spinquant_onnx.rewrite.plan import TensorPlan, rotate
-from spinquant_onnx.rewrite.rotate_r3 import activation_type
 from spinquant_onnx.rotations import make_rotation
 
 
@@ -52,7 +52,7 @@ def insert_r4(index: GraphIndex, downs: list[tuple[int, Linear]], plan: TensorPl
             index,
             edge.node.input[edge.index],
             down.in_features,
-            elem_type=activation_type(index, down.node),
+            elem_type=tensor_elem_type(index, edge.node.input[edge.index]),  # #13: the tensor it reads
             reason=f"R4 down_proj input, block {number}",
             readers=[(edge.node, edge.index)],
         )
