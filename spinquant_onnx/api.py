@@ -376,7 +376,9 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
             if not result.passed:
                 raise ValidationFailedError(
                     f"validation failed: logits relative L2 {result.rel_l2:.3g} "
-                    f"(threshold {opts.threshold:g}), "
+                    f"(threshold {result.threshold:g}"
+                    + (f", from rounding noise {result.rounding_noise:.3g}" if result.rounding_noise else "")
+                    + "), "
                     f"argmax agreement {result.argmax_agreement:.4f}; no output written"
                 )
         commit_output(staged, out_path, protect=() if opts.in_place else input_files)

@@ -67,6 +67,9 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
         print(
             f"validated on {val['provider']}: logits max-abs {val['max_abs']:.3g}, relative L2 {val['rel_l2']:.3g}, "
             f"argmax agreement {val['argmax_agreement']:.4f} ({'; '.join(val['cases'])})"
+            # #13: low-precision models are judged against their own rounding noise
+            + (f"; threshold {val['threshold']:.3g} from rounding noise {val['rounding_noise']:.3g}"
+               if val.get("rounding_noise") is not None else "")
         )
     return 0
 

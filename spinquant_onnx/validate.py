@@ -23,6 +23,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from spinquant_onnx.core import tolerance
 from spinquant_onnx.errors import InputError, SpinQuantError, ValidationFailedError
 
 ModelLike = str | Path | onnx.ModelProto
@@ -404,6 +405,9 @@ class ValidationResult:
     threshold: float
     passed: bool
     cases: list[str] = field(default_factory=list)
+    # #13: for float16/bfloat16 models, the original's own rounding noise (relative L2 of the model as
+    # exported against it upcast to float32); the threshold is then tolerance.noise_threshold of it.
+    rounding_noise: float | None = None
 
     def to_dict(self) -> dict:
         """Plain dict for JSON reports (non-finite floats stay floats; json.dumps writes them as Infinity)."""
@@ -420,6 +424,7 @@ def compare_models(
     vocab_size: int | None = None,
     dims: dict[str, int] | None = None,
     own_cache: bool = False,
+    dtype_aware: bool = True,
 ) -> ValidationResult:
     """Run both models on identical synthetic inputs and compare every float output by name.
 
@@ -428,6 +433,8 @@ def compare_models(
     With a KV cache, a prefill is followed by decode steps in which each model is fed its *own* cache.
     ``own_cache`` says the caches legitimately differ (R2 rotates values, R3 keys): then ``present.*``
     outputs and random-past cases are not compared, only logits along the decode.
+    ``dtype_aware``: a float16/bfloat16 original is judged against its own rounding noise (see
+    ``core.tolerance``), never below ``threshold``.
     Raises ValidationFailedError when the two models do not even have the same inputs or outputs.
     """
     graph = _graph_only(original)
@@ -446,6 +453,10 @@ def compare_models(
 
     logits_name = _logits_name(graph, expected[0])
     compared = [n for n in expected[0] if _is_float(expected[0][n]) and not (own_cache and n.startswith("present"))]
+    noise = None
+    if dtype_aware and tolerance.is_low_precision(graph):  # #13 hook: threshold from the model's own noise
+        noise = _rounding_noise(original, feeds, labels, providers, expected, compared)
+        threshold = tolerance.noise_threshold(threshold, noise)
     if kv:
         steps = _decode(original, graph, feeds[0], expected[0], logits_name, providers, seed, vocab_size, dims)
         mine = _decode(rotated, graph, feeds[0], actual[0], logits_name, providers, seed, vocab_size, dims)
@@ -475,7 +486,35 @@ def compare_models(
         threshold=threshold,
         passed=passed,
         cases=labels,
+        rounding_noise=noise,
     )
+
+
+def _rounding_noise(
+    original: ModelLike,
+    feeds: list[dict[str, np.ndarray]],
+    labels: list[str],
+    providers: Sequence[str] | None,
+    expected: list[dict[str, np.ndarray]],
+    compared: list[str],
+) -> float:
+    """Worst relative L2 of the low-precision original against itself upcast to float32, same inputs."""
+    if isinstance(original, onnx.ModelProto):
+        full = original
+    else:
+        try:
+            full = onnx.load(str(original))
+        except Exception as exc:  # protobuf and onnx raise several types
+            raise InputError(f"cannot load {original} to measure its rounding noise: {exc}") from exc
+    upcast = tolerance.upcast_to_float32(full)
+    wide, _ = _run_cases(upcast, "original upcast to float32", [tolerance.upcast_feeds(f) for f in feeds], labels,
+                         providers)
+    worst = 0.0
+    for narrow, reference in zip(expected, wide, strict=True):
+        for name in compared:
+            if name in reference:
+                worst = max(worst, _errors(np.asarray(reference[name]), np.asarray(narrow[name]))[1])
+    return worst
 
 
 DECODE_STEPS = 2
