@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from spinquant_onnx import checks
-from spinquant_onnx.core import gate
+from spinquant_onnx.core import gate, metadata
 from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedSizeError, ValidationFailedError
 from spinquant_onnx.graph_index import GraphIndex
 from spinquant_onnx.graph_io import (
@@ -68,6 +68,7 @@ class Options:
     r3: bool = False
     r4: bool = False
     rotation_file: str | os.PathLike | None = None
+    force: bool = False  # rotate a model this tool already rotated (#13: refused by default)
 
     def __post_init__(self) -> None:
         if self.rotation not in KINDS:
@@ -279,6 +280,7 @@ def apply_spinquant(
             "model has external data that is not loaded; load it with onnx.load(path) first "
             "or use spinquant_onnx.convert(in_path, out_path)"
         )
+    metadata.refuse_rotated(proto, "model", opts.force)  # #13 hook: never rotate a rotated model silently
     started = time.perf_counter()
     graph = proto.graph
     # Planning edits nodes (untied copies, online rotations): keep the node list to restore on any failure.
@@ -308,6 +310,7 @@ def apply_spinquant(
         raise
     for name, array in values.items():
         set_tensor_data(analysis.store.tensors[name], array)
+    metadata.stamp(proto, report.to_dict())  # #13 hook: record what was done in metadata_props
     report.timings["total"] = round(time.perf_counter() - started, 4)
     return report
 
@@ -341,6 +344,7 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
     timings: dict[str, float] = {}
     started = time.perf_counter()
     model = load_model(in_path)
+    metadata.refuse_rotated(model, str(in_path), opts.force)  # #13 hook: never rotate a rotated model silently
     input_files = {in_path.resolve(), *external_files(model, in_path.parent)}
     checks.check_output_path(in_path, out_path, input_files - {in_path.resolve()}, in_place=opts.in_place)
     baseline = gate.input_baseline(model)  # #13 hook: the input's structure, for the output gate
@@ -348,6 +352,7 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
     if opts.roles is not None and not opts.trust_roles:
         opts.validate = True  # a hand-edited map may assert what the graph does not do: check the result
     plan, report = _plan(analysis, opts)
+    metadata.stamp(model, report.to_dict())  # #13 hook: record what was done in metadata_props
     gate.check_output(model, baseline)  # #13 hook: structural output gate, before anything is written
     checks.preflight(model, analysis.store, plan, in_path.stat().st_size, validate=opts.validate)
     timings["analyze"] = round(time.perf_counter() - started, 4)

@@ -50,6 +50,7 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
         r3=args.r3,
         r4=args.r4,
         rotation_file=args.rotation_file,
+        force=args.force,
     )
     data = report.to_dict()
     if args.report:
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--r4", action="store_true", help="also R4: online Hadamard before down_proj")
     rotate.add_argument("--rotation-file", metavar="FILE",
                         help="learned rotations (SpinQuant R.bin or .npz with R1 / model.layers.N.self_attn.R2)")
+    rotate.add_argument("--force", action="store_true",
+                        help="rotate a model spinquant-onnx already rotated (refused otherwise: it would undo R1)")
     rotate.set_defaults(func=_cmd_rotate)
 
     inspect = sub.add_parser("inspect", help="print the blocks, norms and linear roles the matcher finds")

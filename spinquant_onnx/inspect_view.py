@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from spinquant_onnx.api import Analysis
+from spinquant_onnx.core import metadata
 from spinquant_onnx.match.linears import Linear
 
 
@@ -72,6 +73,9 @@ def render(analysis: Analysis) -> str:
         "  ".join("-" * w for w in widths),
     ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    done = metadata.read(analysis.model)  # #13 hook: a rotated model says so
+    if done is not None:
+        lines.insert(1, metadata.describe(done))
     return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from spinquant_onnx import api, checks
-from spinquant_onnx.core import gate
+from spinquant_onnx.core import gate, metadata
 from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedGraphError, ValidationFailedError
 from spinquant_onnx.graph_index import TRANSPARENT_OPS, GraphIndex, node_label
 from spinquant_onnx.graph_io import (
@@ -532,6 +532,7 @@ def convert_vlm(
     started = time.perf_counter()
     paths = _Paths(backbone_path, visual_path, embedding_path, out_dir)
     model = load_model(paths.backbone)
+    metadata.refuse_rotated(model, str(paths.backbone), opts.force)  # #13 hook
     baseline = gate.input_baseline(model)  # #13 hook: the input's structure, for the output gate
     analysis = api.analyze(model, paths.backbone.parent, roles=opts.roles)
     part = None
@@ -545,6 +546,7 @@ def convert_vlm(
     online = _insert_online(vp) if vp.mode == "online" else []
     gate.check_output(model, baseline)  # #13 hook: structural output gate, before anything is written
     report = _report(vp, table, online)
+    metadata.stamp(model, report.backbone.to_dict())  # #13 hook: record what was done in metadata_props
     report.timings["plan"] = round(time.perf_counter() - started, 4)
 
     staged: list[tuple[list[Path], Path]] = []
