@@ -126,7 +126,8 @@ def rotary_free_decoder(
     rep = heads // kv_heads
     unsq = g.const("axes.2", np.array([2], np.int64))
     shape5 = g.const("shape.rep5", np.array([1, 1, rep, 1, 1], np.int64))
-    shape4 = g.const("shape.rep4", np.array([0, heads, -1, 0], np.int64))
+    shape_k = g.const("shape.rep_k", np.array([0, heads, head_dim, -1], np.int64))  # [b, heads, hd, s]
+    shape_v = g.const("shape.rep_v", np.array([0, heads, -1, head_dim], np.int64))  # [b, heads, s, hd]
     for layer in range(layers):
         p = f"layers.{layer}"
         h = g.rmsnorm(x, f"{p}/input_norm", hidden)
@@ -161,9 +162,9 @@ def rotary_free_decoder(
             kt = g.op("Transpose", [k1], f"{p}/k_t2", perm=[0, 1, 3, 2])
         if kv_heads != heads:  # repeat_kv on [b, kv, a, c]: Unsqueeze, Expand, Reshape to [b, heads, a, c]
 
-            def repeat(t: str, what: str) -> str:
+            def repeat(t: str, what: str, p: str = p) -> str:
                 e = g.op("Expand", [g.op("Unsqueeze", [t, unsq], f"{p}/{what}_unsq"), shape5], f"{p}/{what}_exp")
-                return g.op("Reshape", [e, shape4], f"{p}/{what}_rep")
+                return g.op("Reshape", [e, shape_k if what == "k" else shape_v], f"{p}/{what}_rep")
 
             kt, vt = repeat(kt, "k"), repeat(vt, "v")
         scores = g.op("Div", [g.op("MatMul", [qt, kt], f"{p}/scores"), scale], f"{p}/scaled")
@@ -175,7 +176,8 @@ def rotary_free_decoder(
         gate = g.op("MatMul", [h, g.weight(f"{p}.gate", (hidden, inter))], f"{p}/gate_proj")
         up = g.op("MatMul", [h, g.weight(f"{p}.up", (hidden, inter))], f"{p}/up_proj")
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}/sig")], f"{p}/silu"), up], f"{p}/act")
-        x = g.op("Add", [x, g.op("MatMul", [act, g.weight(f"{p}.down", (inter, hidden))], f"{p}/down_proj")], f"{p}/res2")
+        down = g.op("MatMul", [act, g.weight(f"{p}.down", (inter, hidden))], f"{p}/down_proj")
+        x = g.op("Add", [x, down], f"{p}/res2")
     h = g.rmsnorm(x, "final_norm", hidden)
     g.nodes.append(helper.make_node("MatMul", [h, g.weight("lm_head", (hidden, vocab))], ["logits"], name="lm_head"))
     graph = helper.make_graph(

@@ -17,7 +17,13 @@ import onnx
 
 from spinquant_onnx import checks
 from spinquant_onnx.core import gate, metadata
-from spinquant_onnx.errors import InputError, SpinQuantError, UnsupportedSizeError, ValidationFailedError
+from spinquant_onnx.errors import (
+    InputError,
+    SpinQuantError,
+    UnsupportedGraphError,
+    UnsupportedSizeError,
+    ValidationFailedError,
+)
 from spinquant_onnx.graph_index import GraphIndex
 from spinquant_onnx.graph_io import (
     TensorStore,
@@ -184,6 +190,12 @@ def plan_r2_r3_r4(
     if not (use_r2 or options.r3 or options.r4):
         return done
     sites = attention_sites(index, roles) if use_r2 or options.r3 else []
+    if (use_r2 or options.r3) and not sites:  # #13: a requested rotation that finds nothing is refused
+        asked = " and ".join(name for name, on in (("--r2", use_r2), ("--r3", options.r3)) if on)
+        raise UnsupportedGraphError(
+            f"{asked}: no attention block with its q/k/v and o projections was found in the "
+            f"{len(roles.blocks)} matched block(s), so there is nothing to rotate; drop {asked}"
+        )
     if use_r2:
         if learned is not None and learned.has_r2:
             learned.check_layers([site.block for site in sites])

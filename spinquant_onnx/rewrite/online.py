@@ -23,29 +23,48 @@ _KEEPS_TYPE = frozenset(
     {"Identity", "QcQuantizeOp", "Add", "Sub", "Mul", "Div", "Neg", "MatMul", "Gemm", "Transpose", "Reshape",
      "Expand", "Unsqueeze", "Squeeze", "Concat", "Slice", "Split", "Tile", "Softmax", "Sigmoid", "Tanh", "Relu",
      "Sqrt", "Reciprocal", "Pow", "Where", "SimplifiedLayerNormalization", "RMSNormalization",
-     "SkipSimplifiedLayerNormalization", "LayerNormalization", "Gather"}
+     "SkipSimplifiedLayerNormalization", "LayerNormalization", "Gather", "Erf", "Exp", "Abs", "Max", "Min",
+     # onnxruntime contrib ops (no ONNX type inference for them), activations typed as their first input
+     "QuickGelu", "FastGelu", "Gelu", "BiasGelu", "SkipLayerNormalization", "RotaryEmbedding",
+     "GroupQueryAttention", "MultiHeadAttention", "Attention", "MatMulNBits"}
 )  # fmt: skip
 
 
-def _inferred_types(index: GraphIndex) -> dict[str, int]:
-    """Element types from ONNX type inference on a weightless view, computed once per index (#13).
+def _inferred(index: GraphIndex) -> tuple[dict[str, int], dict[str, tuple[int | None, ...]]]:
+    """Element types and shapes from ONNX inference on a weightless view, computed once per index (#13).
 
     Exporters (TorchScript fp16, dynamo without value_info) often declare no type for the tensor an
     online node reads; assuming float32 there makes the inserted MatMul mix types and ORT refuse the model.
     """
-    cached = getattr(index, "_spinquant_inferred_types", None)
+    cached = getattr(index, "_spinquant_inferred", None)
     if cached is not None:
         return cached
-    found: dict[str, int] = {}
+    types: dict[str, int] = {}
+    shapes: dict[str, tuple[int | None, ...]] = {}
     try:
-        inferred = onnx.shape_inference.infer_shapes(weightless_view(index.model), strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(weightless_view(index.model), strict_mode=False, data_prop=True)
         for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-            if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
-                found[info.name] = info.type.tensor_type.elem_type
+            if not info.type.HasField("tensor_type"):
+                continue
+            tensor_type = info.type.tensor_type
+            if tensor_type.elem_type:
+                types[info.name] = tensor_type.elem_type
+            if tensor_type.HasField("shape"):
+                dims = tensor_type.shape.dim
+                shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
     except Exception:  # noqa: BLE001 - inference is a best effort here; the walk below and the gate remain
         pass
-    index._spinquant_inferred_types = found  # type: ignore[attr-defined]
-    return found
+    index._spinquant_inferred = (types, shapes)  # type: ignore[attr-defined]
+    return types, shapes
+
+
+def _inferred_types(index: GraphIndex) -> dict[str, int]:
+    return _inferred(index)[0]
+
+
+def inferred_shape(index: GraphIndex, tensor: str) -> tuple[int | None, ...] | None:
+    """A tensor's shape: declared (value_info, initializer), else from shape inference; None if unknown."""
+    return index.static_shape(tensor) or _inferred(index)[1].get(tensor)
 
 
 def tensor_elem_type(index: GraphIndex, tensor: str) -> int:

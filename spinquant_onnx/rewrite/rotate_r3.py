@@ -23,7 +23,7 @@ from spinquant_onnx.graph_index import SHAPE_ONLY_OPS, TRANSPARENT_OPS, GraphInd
 from spinquant_onnx.hadamard import decompose
 from spinquant_onnx.match.heads import AttentionSite, op_axes, reshape_last_dim
 from spinquant_onnx.rewrite.fast_hadamard_nodes import insert_online_hadamard
-from spinquant_onnx.rewrite.online import tensor_elem_type
+from spinquant_onnx.rewrite.online import inferred_shape, tensor_elem_type
 
 # Ops that only move key entries around (the repeat_kv and transpose between the cache and the score MatMul).
 KEY_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Tile", "Concat"})
@@ -147,6 +147,12 @@ def key_insertion_point(index: GraphIndex, score: onnx.NodeProto, head_dim: int,
                 raise UnsupportedGraphError(
                     f"{where}: {node_label(node)} reshapes the keys across head_dim; cannot place R3"
                 )
+            if op == "Reshape" and not _last_dim_is(index, node.input[0], head_dim):
+                # #13: the head-split Reshape ([.., heads * head_dim] -> [.., heads, head_dim]), or one whose
+                # input's last dim is not proven to be head_dim: the keys are per head only from its output
+                # on, so R3 goes there (a head_dim Hadamard before it would mix heads or not even fit).
+                name = node.output[0]
+                break
             axis, rank = moved, _input_rank(index, node, rank)
             name = node.input[0]
             continue
@@ -154,6 +160,12 @@ def key_insertion_point(index: GraphIndex, score: onnx.NodeProto, head_dim: int,
     if axis != -1:
         raise UnsupportedGraphError(f"{where}: the keys reach {node_label(score)} with head_dim not last")
     return name, caches
+
+
+def _last_dim_is(index: GraphIndex, name: str, size: int) -> bool:
+    """Whether ``name``'s last dim is provably ``size`` (declared or inferred shape); unknown is False."""
+    shape = inferred_shape(index, name)
+    return bool(shape) and shape[-1] == size
 
 
 def _check_key_readers(index: GraphIndex, tensor: str, score: onnx.NodeProto, where: str) -> list[str]:
