@@ -8,6 +8,7 @@
   transposes (head split, then K^T) are fused into one ``perm=(0,2,3,1)``.
 - ``rotary_free_fused_transpose_gqa.onnx``: the same with 2 KV heads for 4 query heads (repeat_kv on K^T).
 - ``fused_qkv_split.onnx``: the same decoder (with separate transposes) whose q/k/v are one MatMul cut by a Split.
+- ``mlp_only.onnx``: the same decoder with MLP-only blocks (no attention site: R2/R3 have nothing to do).
 - ``fused_qkv_packed.onnx``: one qkv MatMul whose output is reshaped to [b, s, 3, heads, head_dim] and
   cut by Gather along the "3" axis (the packed layout of some test models): no Slice/Split of the columns.
 
@@ -112,7 +113,7 @@ class _Graph:
 
 
 def rotary_free_decoder(
-    *, fused_transpose: bool, fused_qkv: str | None = None, kv_heads: int = 4, seed: int = 0
+    *, fused_transpose: bool, fused_qkv: str | None = None, kv_heads: int = 4, seed: int = 0, attention: bool = True
 ) -> onnx.ModelProto:
     """Llama-style pre-norm decoder without rotary; causal mask omitted (every position sees every other)."""
     hidden, heads, head_dim, inter, vocab, layers = 64, 4, 16, 96, 128, 2
@@ -130,6 +131,13 @@ def rotary_free_decoder(
     shape_v = g.const("shape.rep_v", np.array([0, heads, -1, head_dim], np.int64))  # [b, heads, s, hd]
     for layer in range(layers):
         p = f"layers.{layer}"
+        if not attention:  # MLP-only blocks: a decoder with no attention site at all
+            h = g.rmsnorm(x, f"{p}/post_norm", hidden)
+            up = g.op("MatMul", [h, g.weight(f"{p}.up", (hidden, inter))], f"{p}/up_proj")
+            act = g.op("Sigmoid", [up], f"{p}/act")
+            down = g.op("MatMul", [act, g.weight(f"{p}.down", (inter, hidden))], f"{p}/down_proj")
+            x = g.op("Add", [x, down], f"{p}/res2")
+            continue
         h = g.rmsnorm(x, f"{p}/input_norm", hidden)
         if fused_qkv is None:
             q = g.op("MatMul", [h, g.weight(f"{p}.q", (hidden, hidden))], f"{p}/q_proj")
@@ -201,6 +209,7 @@ def main() -> None:
         "rotary_free_fused_transpose_gqa.onnx": rotary_free_decoder(fused_transpose=True, kv_heads=2),
         "fused_qkv_split.onnx": rotary_free_decoder(fused_transpose=False, fused_qkv="split"),
         "fused_qkv_packed.onnx": rotary_free_decoder(fused_transpose=False, fused_qkv="packed"),
+        "mlp_only.onnx": rotary_free_decoder(fused_transpose=False, attention=False),
     }
     for name, model in built.items():
         onnx.save(model, str(OUT / name))
