@@ -6,7 +6,9 @@ correct fp16 rotation while saying nothing about a wrong one. The noise is measu
 original runs once as exported and once upcast to float32 (every float16/bfloat16 weight, constant, Cast
 target and graph I/O made float32) on the same inputs; the relative L2 between the two is the model's
 rounding noise, and the rotated model must sit within ``NOISE_MULTIPLE`` times that (never below the fixed
-threshold). A wrong rotation (a head mixed, a norm mis-fused) is orders of magnitude above it.
+threshold). A wrong rotation (a head mixed, a norm mis-fused) is orders of magnitude above it. Likewise an
+argmax may differ only where the original's top two logits are within ``NOISE_MULTIPLE`` times its largest
+absolute logit rounding error: a tie that rounding alone decides.
 float32 models keep the fixed threshold.
 """
 
@@ -69,3 +71,16 @@ def upcast_feeds(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def noise_threshold(base: float, noise: float) -> float:
     """The threshold a rotation of a model with this rounding noise must meet."""
     return max(base, NOISE_MULTIPLE * noise)
+
+
+def flips_within(expected: np.ndarray, actual: np.ndarray, margin: float) -> bool:
+    """Whether every position whose argmax changed was a tie in ``expected``: its top two logits within
+    ``margin`` (a multiple of the model's own absolute rounding noise on the logits)."""
+    if expected.shape != actual.shape:
+        return False
+    flipped = np.argmax(expected, axis=-1) != np.argmax(actual, axis=-1)
+    if not flipped.any():
+        return True
+    top2 = np.sort(expected.astype(np.float64), axis=-1)[..., -2:]
+    gaps = (top2[..., 1] - top2[..., 0])[flipped]
+    return bool(np.all(gaps <= margin))
