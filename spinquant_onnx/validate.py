@@ -279,9 +279,14 @@ def _logits_value_info(model: onnx.ModelProto) -> onnx.ValueInfoProto | None:
 
 
 def _session_options() -> ort.SessionOptions:
-    """Default graph optimizations (fast); ORT logs nothing below fatal: errors reach the user once, as ours."""
+    """Basic graph optimizations; ORT logs nothing below fatal: errors reach the user once, as ours."""
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    # #13: basic optimizations only. ORT's extended fusions rewrite the graph into its own kernels and can
+    # change the function: SimplifiedLayerNormFusion turns a norm with a per-channel eps vector into an
+    # RMSNorm with eps[0] (measured: rel L2 1.6e-4 against the true 1.05), which would hide exactly the
+    # mis-rotations validation is there to catch.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return options
 
 

@@ -54,6 +54,12 @@ def test_per_channel_eps_is_not_an_rmsnorm(options: dict) -> None:
         apply_spinquant(model, **options)
 
 
+def test_validation_sees_the_per_channel_eps() -> None:
+    """ORT's extended fusions run a per-channel-eps norm as an RMSNorm with eps[0]; validation must not."""
+    result = compare_models(FIXTURES / "llama_ts.onnx", EDITS / "per_channel_eps.onnx", providers=["cpu"])
+    assert result.rel_l2 > 0.5 and not result.passed
+
+
 @pytest.mark.parametrize("name", ["rotary_free_fused_transpose.onnx", "fused_qkv_split.onnx", "fused_qkv_packed.onnx"])
 def test_rotary_free_r3_is_exact_per_head(name: str) -> None:
     """Without rotary, R3 goes on the head-split Reshape's output ([.., heads, head_dim]), never on k_proj's."""
