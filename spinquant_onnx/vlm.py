@@ -436,6 +436,10 @@ def apply_vlm(backbone: Any, visual: Any = None, embedding: Any = None, **option
     original = table.read() if table is not None else None
     if original is not None:
         _check_float(original, "embedding")
+    metadata.refuse_rotated(proto, "backbone", opts.force)  # #13 hook
+    baseline = gate.input_baseline(proto)  # #13 hook: the input's structure, for the output gate
+    saved = [onnx.NodeProto.FromString(n.SerializeToString()) for n in proto.graph.node]  # to restore on refusal
+    initializers_before = len(proto.graph.initializer)
     analysis = api.analyze(proto, roles=opts.roles)
     part = _visual_part(visual_proto) if visual_proto is not None else None
     vp = plan_vlm(analysis, part, original.shape if original is not None else None, opts)
@@ -444,12 +448,19 @@ def apply_vlm(backbone: Any, visual: Any = None, embedding: Any = None, **option
     visual_values = _visual_values(vp)
     rotated_table = rotate_table(original, vp.rotation, vp.plan.work) if vp.mode == "offline" else None
 
+    online = _insert_online(vp) if vp.mode == "online" else []
+    try:
+        gate.check_output(proto, baseline)  # #13 hook: structural output gate before any value is written
+    except SpinQuantError:
+        del proto.graph.node[:]
+        proto.graph.node.extend(saved)  # planning edits and inserts nodes and appends initializers
+        del proto.graph.initializer[initializers_before:]
+        raise
     for name, array in backbone_values.items():
         set_tensor_data(analysis.store.tensors[name], array)
     if part is not None:
         for name, array in visual_values.items():
             set_tensor_data(part.store.tensors[name], array)
-    online = _insert_online(vp) if vp.mode == "online" else []
     if rotated_table is not None:
         table.write(rotated_table)
     for target in (backbone, visual):
@@ -457,6 +468,7 @@ def apply_vlm(backbone: Any, visual: Any = None, embedding: Any = None, **option
         if callable(rebuild):
             rebuild()  # an AIMET sim built its ORT session from the old weights
     report = _report(vp, original, online)
+    metadata.stamp(proto, report.backbone.to_dict())  # #13 hook: record what was done in metadata_props
     report.timings["total"] = round(time.perf_counter() - started, 4)
     return report
 
