@@ -30,6 +30,7 @@ from spinquant_onnx.rewrite import online
 from spinquant_onnx.validate import compare_models, infer_vocab_size, run_model, synthesize_inputs
 
 EDITS = FIXTURES / "edits"
+FAMILIES = FIXTURES / "families"  # torch exports for #13 (scripts/make_family_fixtures.py, branch fixtures)
 EXACT = 1e-5
 ALL = {"r2": True, "r3": True, "r4": True}
 
@@ -113,6 +114,34 @@ def test_fp16_without_value_info_types_online_nodes_from_inference(tmp_path: Pat
     assert validation["passed"] and validation["rounding_noise"] > 0
     assert validation["threshold"] == pytest.approx(tolerance.NOISE_MULTIPLE * validation["rounding_noise"])
     assert validation["rel_l2"] < validation["threshold"]
+
+
+@pytest.mark.parametrize("name", ["smollm3_nope_ts17.onnx", "smollm3_nope_dy18.onnx"])
+def test_smollm3_nope_layers_take_r3_per_head(name: str) -> None:
+    """SmolLM3's NoPE layer has no rotary: its keys are rotated after the head split, never on k_proj's output."""
+    original = onnx.load(str(FAMILIES / name))
+    model = onnx.load(str(FAMILIES / name))
+    producers = {o: n for n in original.graph.node for o in n.output}
+    report = apply_spinquant(model, **ALL).to_dict()
+    result = compare_models(original, model, providers=["cpu"], threshold=EXACT)
+    assert result.passed and result.rel_l2 < EXACT, result.to_dict()
+    entries = report["rotation"]["r3"]
+    assert [e["block"] for e in entries] == [0, 1] and {e["head_dim"] for e in entries} == {16}
+    for entry in entries:
+        source = producers[entry["keys"]["input"].removesuffix(".pre_hadamard")]
+        assert source.op_type != "MatMul", (entry["block"], source.name)
+
+
+@pytest.mark.parametrize("name", ["gemma3_ts17_fp16.onnx", "gemma3_dy18_fp16_novi.onnx", "llama_dy18_fp16_novi.onnx"])
+def test_fp16_torch_exports_rotate_and_validate(name: str, tmp_path: Path) -> None:
+    """fp16 TorchScript / dynamo exports without value_info: every rewrite loads and passes the noise check."""
+    report = convert(FAMILIES / name, tmp_path / "r.onnx", validate=True, providers=["cpu"], **ALL).to_dict()
+    validation = report["validation"]
+    assert validation["passed"] and validation["rounding_noise"] > 0, validation
+    assert validation["rel_l2"] < validation["threshold"]
+    model = onnx.load(str(tmp_path / "r.onnx"))
+    matrices = {t.data_type for t in model.graph.initializer if t.name.startswith("spinquant")} - {TensorProto.INT64}
+    assert matrices == {TensorProto.FLOAT16}
 
 
 # ------------------------------------------------------------------------------------- dtype-aware check
@@ -245,7 +274,9 @@ def _mutated(draw: st.DrawFn) -> tuple[bytes, dict, list[str]]:
     name = draw(st.sampled_from(FUZZ_NAMES))
     model = onnx.load_from_string(FUZZ_SOURCES[name])
     steps = [name]
-    for kind in draw(st.lists(st.sampled_from(MUTATIONS), min_size=0, max_size=2)):
+    has_fp32 = any(t.data_type == TensorProto.FLOAT and np.prod(t.dims) > 0 for t in model.graph.initializer)
+    kinds = [k for k in MUTATIONS if has_fp32 or k != "poison value"]  # poisoning picks a float32 weight
+    for kind in draw(st.lists(st.sampled_from(kinds), min_size=0, max_size=2)):
         steps.append(APPLY[kind](draw, model))
     options = draw(st.sampled_from(FLAG_SETS))
     return model.SerializeToString(), options, [*steps, str(options)]
