@@ -298,14 +298,20 @@ def test_fuzz_every_unvalidated_output_loads_and_matches(case: tuple[bytes, dict
         source, out = Path(folder) / "m.onnx", Path(folder) / "out" / "r.onnx"
         source.write_bytes(data)
         try:
-            convert(source, out, **options)  # no validation: the gate alone guards the output
+            report = convert(source, out, **options)  # no validation: the gate alone guards the output
         except OutputGateError as exc:
             raise AssertionError(f"the gate caught a rewrite bug: {exc}: {steps}") from exc
         except SpinQuantError:
             assert not out.exists(), steps
             return
+        # A float16 tensor the rotation rewrote is rounded to float16 again: a mutation that retypes a weight
+        # (in a float32 model) costs up to a few units of fp16 roundoff, which no rotation can avoid.
+        graph = onnx.load(str(source), load_external_data=False)
+        types = {t.name: t.data_type for t in graph.graph.initializer}
+        rounded = any(types.get(t["tensor"]) in tolerance.LOW_PRECISION for t in report.tensors_rewritten)
+        threshold = 4 * 2.0**-11 if rounded else 1e-4
         try:
-            result = compare_models(source, out, providers=["cpu"], own_cache=bool(options))
+            result = compare_models(source, out, providers=["cpu"], own_cache=bool(options), threshold=threshold)
         except InputError as exc:  # the original itself does not run (a mutation broke it): not comparable
             if "original model" in str(exc):
                 return

@@ -81,6 +81,8 @@ def _from_softmax(index: GraphIndex, tensor: str, hops: int = 6) -> bool:
             return False
         if producer.op_type == "Softmax":
             return True
+        if not producer.input:  # a Constant or other input-less node
+            return False
         name = producer.input[0]
     return False
 
