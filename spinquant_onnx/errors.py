@@ -25,3 +25,9 @@ class ValidationFailedError(SpinQuantError):
     """The rotated model does not reproduce the original within tolerance."""
 
     exit_code = 1
+
+
+class OutputGateError(SpinQuantError):
+    """The rewritten graph failed the structural output gate (``core.gate``): a bug in this tool, not the input."""
+
+    exit_code = 3

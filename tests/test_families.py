@@ -23,23 +23,8 @@ ITEMS = survey.fixtures(include_old=False)
 FLAGS = {"R1": [], "R1-R4": ["--r2", "--r3", "--r4"]}
 
 # (fixture file, rotation) -> the bug, as measured by scripts/survey.py (see docs/survey.md).
-FP16_TYPE = (
-    "#13: online R1 MatMul after a (1+w) sandwich norm is typed float32 in an fp16 model "
-    "(onnxruntime: MatMul bound to float16 and float)"
-)
-NOPE_R3 = (
-    "#13: --r3 on SmolLM3's NoPE layer puts a head_dim Hadamard on k_proj's full output "
-    "(onnxruntime: Incompatible dimensions for matrix multiplication)"
-)
-KNOWN_BAD: dict[tuple[str, str], str] = {
-    ("gemma2_ts17_fp16.onnx", "R1"): FP16_TYPE,
-    ("gemma3_ts17_fp16.onnx", "R1"): FP16_TYPE,
-    ("gemma3_ts17_fp16.onnx", "R1-R4"): FP16_TYPE,
-    ("gemma3_dy18_fp16_novi.onnx", "R1"): FP16_TYPE,
-    ("gemma3_dy18_fp16_novi.onnx", "R1-R4"): FP16_TYPE,
-    ("smollm3_nope_ts17.onnx", "R1-R4"): NOPE_R3,
-    ("smollm3_nope_dy18.onnx", "R1-R4"): NOPE_R3,
-}
+# #13 (fp16 online types from inference, SmolLM3 NoPE R3 after the head split) fixed: no known-bad cells left.
+KNOWN_BAD: dict[tuple[str, str], str] = {}
 
 
 def _cells() -> list:

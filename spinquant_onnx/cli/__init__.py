@@ -64,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     except SpinQuantError as exc:
         if args.debug:
             traceback.print_exc()
-        say("error", exc)
+        say("internal error" if exc.exit_code == 3 else "error", exc)  # #13: the output gate's refusal is exit 3
         return exc.exit_code
     except KeyboardInterrupt:
         say("interrupted", "stopped before finishing; no partial output is left")

@@ -77,6 +77,11 @@ def render(analysis: Analysis) -> str:
         "  ".join("-" * w for w in widths),
     ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    from spinquant_onnx.core import metadata
+
+    done = metadata.read(analysis.model)  # #13: a rotated model says so
+    if done is not None:
+        lines.insert(1, metadata.describe(done))
     return "\n".join(lines)
 
 

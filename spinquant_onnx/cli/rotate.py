@@ -33,6 +33,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     rotate.add_argument("--r4", action="store_true", help="also R4: online Hadamard before down_proj")
     rotate.add_argument("--rotation-file", metavar="FILE",
                         help="learned rotations (SpinQuant R.bin or .npz with R1 / model.layers.N.self_attn.R2)")
+    rotate.add_argument("--force", action="store_true",
+                        help="rotate a model spinquant-onnx already rotated (refused otherwise: it would undo R1)")
     rotate.set_defaults(func=run)
     return rotate
 
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         r3=args.r3,
         r4=args.r4,
         rotation_file=args.rotation_file,
+        force=args.force,
     )
     data = report.to_dict()
     late = after_run_warnings(args, data)
@@ -73,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"validated on {val['provider']}: logits max-abs {val['max_abs']:.3g}, relative L2 {val['rel_l2']:.3g}, "
             f"argmax agreement {val['argmax_agreement']:.4f} ({'; '.join(val['cases'])})"
+            # #13: low-precision models are judged against their own rounding noise
+            + (f"; threshold {val['threshold']:.3g} from rounding noise {val['rounding_noise']:.3g}"
+               if val.get("rounding_noise") is not None else "")
         )
     return 0
 

@@ -1,1 +1,1 @@
-"""core layer (see README module map)."""
+"""Run-level checks and records shared by every entry point (output gate, metadata, tolerances)."""

@@ -35,6 +35,7 @@ class Options:
     r3: bool = False
     r4: bool = False
     rotation_file: str | os.PathLike | None = None
+    force: bool = False  # rotate a model this tool already rotated (#13: refused by default)
 
     def __post_init__(self) -> None:
         if self.rotation not in KINDS:

@@ -18,7 +18,7 @@ from typing import Any
 
 import onnx
 
-from spinquant_onnx.core import gate
+from spinquant_onnx.core import gate, metadata
 from spinquant_onnx.core import preflight as checks
 from spinquant_onnx.core.memory import check_load_memory
 from spinquant_onnx.core.options import PRECISIONS, Options
@@ -131,9 +131,14 @@ def restored_on_failure(graph: onnx.GraphProto) -> Iterator[None]:
         raise
 
 
-def stage_in_memory(proto: onnx.ModelProto, store: TensorStore, plan: TensorPlan) -> dict[str, Any]:
-    """Gate, then every new tensor computed and checked (nothing overwritten yet): the in-memory staged write."""
-    gate.check_output(proto)
+def stage_in_memory(
+    proto: onnx.ModelProto, store: TensorStore, plan: TensorPlan, baseline: gate.Baseline
+) -> dict[str, Any]:
+    """Gate, then every new tensor computed and checked (nothing overwritten yet): the in-memory staged write.
+
+    ``baseline`` is ``gate.input_baseline(proto)`` taken before any pass edited the graph.
+    """
+    gate.check_output(proto, baseline)
     checks.check_plan(proto, store, plan)
     checks.check_small_sources_finite(store, plan)
     compute = checks.checked_values(plan, store)
@@ -157,12 +162,15 @@ def apply_model(model: Any, *, analysis: Analysis | None = None, **options: Any)
         raise SpinQuantError("validate=True needs the original model; use convert() or validate.compare_models")
     proto = as_model_proto(model)
     check_in_memory(proto, opts)
+    metadata.refuse_rotated(proto, "model", opts.force)  # #13: never rotate a rotated model silently
     started = time.perf_counter()
+    baseline = gate.input_baseline(proto)  # the input's structure, for the output gate
     with restored_on_failure(proto.graph):
         analysis = analysis if analysis is not None else analyze(proto, roles=opts.roles)
         plan, report, _ = plan_model(analysis, opts)
-        values = stage_in_memory(proto, analysis.store, plan)
+        values = stage_in_memory(proto, analysis.store, plan, baseline)
     commit_in_memory(analysis.store, values)
+    metadata.stamp(proto, report.to_dict())  # #13: record what was done in metadata_props
     report.timings["total"] = round(time.perf_counter() - started, 4)
     return report
 
@@ -189,16 +197,23 @@ def _progress_bar(model: onnx.ModelProto, store: TensorStore, label: str) -> Ite
 class Output:
     """One file a run writes: ``write(staging_folder)`` returns the staged files, the main one first.
 
-    ``model`` is the ONNX graph written (gated before anything is written); None for a plain file.
+    ``model`` is the ONNX graph written (gated against ``baseline``, the same graph's ``gate.input_baseline``
+    taken before any rewrite, before anything is written); both None for a plain file.
     """
 
     path: Path
     write: Callable[[Path], list[Path]]
     model: onnx.ModelProto | None = None
+    baseline: gate.Baseline | None = None
 
 
 def model_output(
-    model: onnx.ModelProto, store: TensorStore, plan: TensorPlan, out_path: Path, progress_label: str | None = None
+    model: onnx.ModelProto,
+    store: TensorStore,
+    plan: TensorPlan,
+    out_path: Path,
+    baseline: gate.Baseline,
+    progress_label: str | None = None,
 ) -> Output:
     """An ``Output`` that streams ``model`` with the plan's checked values into the staging folder."""
 
@@ -214,7 +229,7 @@ def model_output(
                 progress=progress,
             )
 
-    return Output(out_path, write, model)
+    return Output(out_path, write, model, baseline)
 
 
 def write_outputs(
@@ -228,7 +243,9 @@ def write_outputs(
     """
     for output in outputs:
         if output.model is not None:
-            gate.check_output(output.model)
+            if output.baseline is None:
+                raise SpinQuantError(f"internal: no gate baseline for {output.path}")
+            gate.check_output(output.model, output.baseline)
     stagings: list[Path] = []
     try:
         staged: dict[Path, list[Path]] = {}
@@ -260,12 +277,15 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
     timings: dict[str, float] = {}
     started = time.perf_counter()
     model = load_model(in_path)
+    metadata.refuse_rotated(model, str(in_path), opts.force)  # #13: never rotate a rotated model silently
     input_files = {in_path.resolve(), *external_files(model, in_path.parent)}
     checks.check_output_path(in_path, out_path, input_files - {in_path.resolve()}, in_place=opts.in_place)
+    baseline = gate.input_baseline(model)  # the input's structure, for the output gate
     analysis = analyze(model, in_path.parent, roles=opts.roles)
     if opts.roles is not None and not opts.trust_roles:
         opts.validate = True  # a hand-edited map may assert what the graph does not do: check the result
     plan, report, _ = plan_model(analysis, opts)
+    metadata.stamp(model, report.to_dict())  # #13: record what was done in metadata_props
     checks.preflight(model, analysis.store, plan, in_path.stat().st_size, validate=opts.validate)
     timings["analyze"] = round(time.perf_counter() - started, 4)
     mark = time.perf_counter()
@@ -276,7 +296,7 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
             report.validation = _validate(in_path, staged[out_path][0], analysis, opts, timings)
 
     write_outputs(
-        [model_output(model, analysis.store, plan, out_path, f"rotating {in_path.name}")],
+        [model_output(model, analysis.store, plan, out_path, baseline, f"rotating {in_path.name}")],
         protect=() if opts.in_place else input_files,
         validate=validate,
     )
@@ -297,7 +317,9 @@ def _validate(in_path: Path, staged: Path, analysis: Analysis, opts: Options, ti
     if not result.passed:
         raise ValidationFailedError(
             f"validation failed: logits relative L2 {result.rel_l2:.3g} "
-            f"(threshold {opts.threshold:g}), "
+            f"(threshold {result.threshold:g}"
+            + (f", from rounding noise {result.rounding_noise:.3g}" if result.rounding_noise else "")
+            + "), "
             f"argmax agreement {result.argmax_agreement:.4f}; no output written"
         )
     return result.to_dict()

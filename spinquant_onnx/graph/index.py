@@ -202,3 +202,33 @@ def per_graph_state(func: Callable[[GraphIndex], T]) -> Callable[[GraphIndex], T
 def node_label(node: onnx.NodeProto) -> str:
     """How a node is named in messages: its name if it has one, else its op and first output."""
     return f"'{node.name}' ({node.op_type})" if node.name else f"{node.op_type} -> '{node.output[0]}'"
+
+
+WEIGHTLESS_KEEP = 4096
+"""Initializers up to this many elements keep their values in a weightless view (shapes, axes, scalars)."""
+
+
+def weightless_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model's graph with large initializers replaced by typed graph inputs: no weight bytes copied.
+
+    Small inline initializers keep their values so shape inference can propagate Reshape targets.
+    Used for type/shape inference and the output gate (#13), which must not cost the weights.
+    """
+    view = onnx.ModelProto()
+    view.ir_version = model.ir_version
+    view.opset_import.extend(model.opset_import)
+    view.functions.extend(model.functions)
+    source, graph = model.graph, view.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)
+    graph.input.extend(source.input)
+    declared = {i.name for i in source.input}
+    for tensor in source.initializer:
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        if count <= WEIGHTLESS_KEEP and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return view

@@ -54,3 +54,14 @@ SCALAR_SHAPE_OPS = ("Gather", "Squeeze", "ReduceProd", "Mul", "Add", "Div", "Sub
 RANK_KEEPING_OPS = ("Concat", "Add", "Mul", "Sub", "Div", "Neg", "Cast", "Identity", "QcQuantizeOp", "Slice")
 # and ops a shape tensor's last element is carried through.
 SHAPE_CARRY_OPS = ("Concat", "Cast", "Unsqueeze")
+
+# Ops whose (first) output has the element type of their first input.
+KEEPS_TYPE_OPS = frozenset(
+    {"Identity", "QcQuantizeOp", "Add", "Sub", "Mul", "Div", "Neg", "MatMul", "Gemm", "Transpose", "Reshape",
+     "Expand", "Unsqueeze", "Squeeze", "Concat", "Slice", "Split", "Tile", "Softmax", "Sigmoid", "Tanh", "Relu",
+     "Sqrt", "Reciprocal", "Pow", "Where", "SimplifiedLayerNormalization", "RMSNormalization",
+     "SkipSimplifiedLayerNormalization", "LayerNormalization", "Gather", "Erf", "Exp", "Abs", "Max", "Min",
+     # onnxruntime contrib ops (no ONNX type inference for them), activations typed as their first input
+     "QuickGelu", "FastGelu", "Gelu", "BiasGelu", "SkipLayerNormalization", "RotaryEmbedding",
+     "GroupQueryAttention", "MultiHeadAttention", "Attention", "MatMulNBits"}
+)  # fmt: skip

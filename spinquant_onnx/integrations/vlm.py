@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from spinquant_onnx.core import gate
+from spinquant_onnx.core import gate, metadata
 from spinquant_onnx.core import preflight as checks
 from spinquant_onnx.core.memory import check_load_memory
 from spinquant_onnx.core.options import Options
@@ -472,14 +472,17 @@ def apply_vlm(backbone: Any, visual: Any = None, embedding: Any = None, **option
     original = table.read() if table is not None else None
     if original is not None:
         _check_float(original, "embedding")
+    metadata.refuse_rotated(proto, "backbone", opts.force)  # #13: never rotate a rotated model silently
+    baseline = gate.input_baseline(proto)  # the inputs' structure, for the output gate
+    visual_baseline = gate.input_baseline(visual_proto) if visual_proto is not None else None
     with restored_on_failure(proto.graph):
         analysis = analyze(proto, roles=opts.roles)
         part = _visual_part(visual_proto) if visual_proto is not None else None
         vp = plan_vlm(analysis, part, original.shape if original is not None else None, opts)
         online = _insert_online(vp) if vp.mode == "online" else []
-        gate.check_output(proto)
-        if part is not None:
-            gate.check_output(part.model)
+        gate.check_output(proto, baseline)
+        if part is not None and visual_baseline is not None:
+            gate.check_output(part.model, visual_baseline)
         backbone_values = {name: vp.plan.materialize(analysis.store, name) for name in vp.plan.targets}
         visual_values = _visual_values(vp)
         rotated_table = rotate_table(original, vp.rotation, vp.plan.work) if vp.mode == "offline" else None
@@ -494,6 +497,7 @@ def apply_vlm(backbone: Any, visual: Any = None, embedding: Any = None, **option
         if callable(rebuild):
             rebuild()  # an AIMET sim built its ORT session from the old weights
     report = _report(vp, original, online)
+    metadata.stamp(proto, report.backbone.to_dict())  # #13: record what was done in metadata_props
     report.timings["total"] = round(time.perf_counter() - started, 4)
     return report
 
@@ -570,11 +574,14 @@ def convert_vlm(
     paths = _Paths(backbone_path, visual_path, embedding_path, out_dir)
     check_load_memory(paths.backbone)
     model = load_model(paths.backbone)
+    metadata.refuse_rotated(model, str(paths.backbone), opts.force)  # #13: never rotate a rotated model silently
+    baseline = gate.input_baseline(model)  # the inputs' structure, for the output gate
     analysis = analyze(model, paths.backbone.parent, roles=opts.roles)
     part = None
     if paths.visual is not None:
         check_load_memory(paths.visual)
         part = _visual_part(load_model(paths.visual), paths.visual.parent)
+        visual_baseline = gate.input_baseline(part.model)
     key, table, contents = None, None, None
     if paths.embedding is not None:
         contents = load_torch(paths.embedding)
@@ -588,11 +595,14 @@ def convert_vlm(
         feeds = visual_check_inputs(part, feeds)
     online = _insert_online(vp) if vp.mode == "online" else []
     report = _report(vp, table, online)
+    metadata.stamp(model, report.backbone.to_dict())  # #13: record what was done in metadata_props
     report.timings["plan"] = round(time.perf_counter() - started, 4)
 
-    outputs = [model_output(model, analysis.store, vp.plan, paths.out(paths.backbone))]
+    outputs = [model_output(model, analysis.store, vp.plan, paths.out(paths.backbone), baseline)]
     if part is not None:
-        outputs.append(model_output(part.model, part.store, part.plan or TensorPlan(), paths.out(paths.visual)))
+        outputs.append(
+            model_output(part.model, part.store, part.plan or TensorPlan(), paths.out(paths.visual), visual_baseline)
+        )
     if table is not None:
         values = rotate_table(table, vp.rotation, vp.plan.work) if vp.mode == "offline" else table
         written = values if key is None else {**contents, key: values}  # other entries kept as they were

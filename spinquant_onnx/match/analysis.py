@@ -13,6 +13,7 @@ from typing import Any
 
 import onnx
 
+from spinquant_onnx.errors import UnsupportedGraphError
 from spinquant_onnx.graph.index import GraphIndex
 from spinquant_onnx.io.tensor_store import TensorStore
 from spinquant_onnx.match.heads import AttentionSite, attention_sites
@@ -38,6 +39,15 @@ class Analysis:
         if self._sites is None:
             self._sites = attention_sites(self.index, self.roles)
         return self._sites
+
+    def sites_for(self, flag: str) -> list[AttentionSite]:
+        """``sites`` for a pass that needs at least one: a requested rotation that finds nothing is refused (#13)."""
+        if not self.sites:
+            raise UnsupportedGraphError(
+                f"{flag}: no attention block with its q/k/v and o projections was found in the "
+                f"{len(self.roles.blocks)} matched block(s), so there is nothing to rotate; drop {flag}"
+            )
+        return self.sites
 
 
 def analyze(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None, roles: Any = None) -> Analysis:

@@ -55,6 +55,7 @@ class Projection:
     tensor: str  # the tensor holding exactly this projection (the linear output or its Slice/Split output)
     start: int
     stop: int
+    head_dim: int | None = None  # stated by a packed qkv Reshape [.., 3, heads, head_dim] (#13)
 
     @property
     def width(self) -> int:
@@ -275,8 +276,44 @@ def _split_ranges(index: GraphIndex, node: onnx.NodeProto, width: int) -> list[t
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+def packed_projections(index: GraphIndex, linear: Linear) -> list[Projection] | None:
+    """q, k, v of a qkv output reshaped to ``[.., 3, heads, head_dim]`` and cut by Gathers on the "3" axis.
+
+    The layout is proven from the Reshape's constant target (3 * heads * head_dim == width, so column
+    ``i * heads * head_dim + h * head_dim + d`` is part i, head h, entry d) and the Gathers' constant axis and
+    scalar index; anything else is not this layout (#13: R2 on a packed qkv turns exactly the v columns).
+    """
+    width = linear.out_features
+    users = index.value_users(linear.output)
+    if len(users) != 1 or users[0].node.op_type != "Reshape" or users[0].index != 0:
+        return None
+    reshape = users[0].node
+    target = partial_values(index, reshape.input[1])
+    if not target or len(target) < 3 or any(v is None or v <= 0 for v in target[-3:]):
+        return None
+    three, heads, head_dim = target[-3:]
+    if three != 3 or 3 * heads * head_dim != width:
+        return None
+    rank, parts = len(target), {}
+    for use in index.value_users(reshape.output[0]):
+        node, picked = use.node, index.constant(use.node.input[1]) if len(use.node.input) > 1 else None
+        axis = index.attr(node, "axis", 0)
+        if node.op_type != "Gather" or use.index != 0 or picked is None or picked.size != 1 or picked.ndim != 0:
+            return None
+        if axis not in (rank - 3, -3) or int(picked) in parts or not 0 <= int(picked) < 3:
+            return None
+        parts[int(picked)] = node.output[0]
+    if sorted(parts) != [0, 1, 2]:
+        return None
+    step = heads * head_dim
+    return [Projection(role, linear, parts[i], i * step, (i + 1) * step, head_dim) for i, role in enumerate("qkv")]
+
+
 def split_projections(index: GraphIndex, linear: Linear) -> list[Projection] | None:
     """q, k, v column ranges of a fused qkv linear, from the Slice or Split nodes that cut its output."""
+    packed = packed_projections(index, linear)
+    if packed is not None:
+        return packed
     width = linear.out_features
     pieces: list[tuple[int, int, str]] = []
     for use in index.value_users(linear.output):
@@ -450,6 +487,22 @@ def _cache_evidence(index: GraphIndex, projections: dict[str, Projection], ev: _
                         ev.add("kv_heads", f"cache input '{name}'", shape[1])
 
 
+def _projection_evidence(
+    index: GraphIndex, projections: dict[str, Projection], norms_by_input: dict[str, NormMatch], ev: _Evidence
+) -> None:
+    """What q, k and v's own Reshapes (and per-head norms) say about head_dim and the head counts."""
+    for role, count_kind in (("q", "heads"), ("k", "kv_heads"), ("v", "kv_heads")):
+        proj = projections.get(role)
+        if proj is None:
+            continue
+        if proj.head_dim is not None:  # a packed qkv Reshape states it (#13)
+            ev.add("head_dim", f"{role} of packed qkv {proj.linear.label}", proj.head_dim)
+            ev.add(count_kind, f"{role} of packed qkv {proj.linear.label}", proj.width // proj.head_dim)
+        heads_tensor = _reshape_evidence(index, proj, ev, count_kind)
+        if role in ("q", "k"):
+            _norm_evidence(index, norms_by_input, heads_tensor, role, ev)
+
+
 def head_geometry(
     index: GraphIndex,
     part: SubBlock,
@@ -460,12 +513,7 @@ def head_geometry(
 ) -> tuple[HeadGeometry, onnx.NodeProto | None]:
     """num_heads, num_kv_heads and head_dim of one attention block; refuses when unknown or contradictory."""
     ev = _Evidence(where)
-    for role, count_kind in (("q", "heads"), ("k", "kv_heads"), ("v", "kv_heads")):
-        proj = projections.get(role)
-        if proj is not None:
-            heads_tensor = _reshape_evidence(index, proj, ev, count_kind)
-            if role in ("q", "k"):
-                _norm_evidence(index, norms_by_input, heads_tensor, role, ev)
+    _projection_evidence(index, projections, norms_by_input, ev)
     fused = _mark_packed(index, projections)
     if fused is not None:
         _fused_evidence(index, fused, ev)

@@ -13,7 +13,18 @@ import onnx
 
 from spinquant_onnx.graph.index import GraphIndex, Use, node_label, per_graph_state
 from spinquant_onnx.graph.ops import SHAPE_ONLY_OPS, TRANSPARENT_OPS
-from spinquant_onnx.match.pattern import AnyOf, Const, Init, Match, Op, Var, match, optional, scalar_equals
+from spinquant_onnx.match.pattern import (
+    AnyOf,
+    Const,
+    Init,
+    Match,
+    Op,
+    Var,
+    broadcast_scalar,
+    match,
+    optional,
+    scalar_equals,
+)
 
 
 def _reduces_last_axis(index: GraphIndex, node: onnx.NodeProto) -> bool:
@@ -30,7 +41,9 @@ def _reduces_last_axis(index: GraphIndex, node: onnx.NodeProto) -> bool:
 _X = optional("Cast", Var("x"))
 _SQUARE = AnyOf((Op(("Pow",), (_X, Const(test=scalar_equals(2.0)))), Op(("Mul",), (_X, _X))))
 _MEAN = Op(("ReduceMean",), (_SQUARE,), check=_reduces_last_axis)
-_DENOM = Op(("Sqrt",), (Op(("Add",), (_MEAN, Const("eps")), commutative=True),))
+# eps is one value (a per-channel vector makes x / sqrt(ms + eps_i), which no rotation commutes with, #13);
+# the mean is over the last axis only (_reduces_last_axis); gamma's width is checked against the stream.
+_DENOM = Op(("Sqrt",), (Op(("Add",), (_MEAN, Const("eps", broadcast_scalar)), commutative=True),))
 _INVERSE = AnyOf((Op(("Div",), (Const(test=scalar_equals(1.0)), _DENOM)), Op(("Reciprocal",), (_DENOM,))))
 _NORMALIZED = AnyOf((Op(("Mul",), (_X, _INVERSE), commutative=True), Op(("Div",), (_X, _DENOM))))
 # Gemma scales by (1 + w); an exporter that does not fold the constant leaves the Add in the graph.

@@ -65,6 +65,11 @@ def optional(op_type: str, inner: Pattern) -> AnyOf:
     return AnyOf((Op((op_type,), (inner,)), inner))
 
 
+def broadcast_scalar(array: np.ndarray) -> bool:
+    """One value, of any rank (``[]``, ``[1]``, ``[1, 1, 1]``): what a norm's eps must be (#13)."""
+    return array.size == 1 and bool(np.isfinite(array).all())
+
+
 def scalar_equals(value: float) -> Callable[[np.ndarray], bool]:
     return lambda array: array.size == 1 and abs(float(array.reshape(())) - value) < 1e-6
 

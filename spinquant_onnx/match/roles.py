@@ -74,8 +74,8 @@ def _from_softmax(index: GraphIndex, tensor: str) -> bool:
     name, hops = tensor, 0
     while hops < 6:
         producer = index.producer.get(name)
-        if producer is None:
-            return False
+        if producer is None or not producer.input:  # a graph input, or a Constant / input-less node
+            return producer is not None and producer.op_type == "Softmax"
         if producer.op_type == "Softmax":
             return True
         name, hops = producer.input[0], hops + 1

@@ -9,7 +9,7 @@ the input axis of a reader.
 from __future__ import annotations
 
 from spinquant_onnx.graph.index import GraphIndex
-from spinquant_onnx.graph.shapes import tensor_type
+from spinquant_onnx.graph.shapes import tensor_elem_type
 from spinquant_onnx.match.residual import Stream
 from spinquant_onnx.rewrite.base import PassContext, register
 from spinquant_onnx.rewrite.online import OnlineRotation, insert_online_rotation
@@ -36,7 +36,7 @@ def insert_online_writes(index: GraphIndex, stream: Stream, rotation: Rotation) 
                 tensor,
                 rotation,
                 transpose=False,
-                elem_type=tensor_type(index, tensor),
+                elem_type=tensor_elem_type(index, tensor),
                 reason=f"R1 after norm {event.online_norm.label} (sandwich norm before a residual Add)",
                 readers=[(event.add, slot)],
             )
@@ -52,7 +52,7 @@ def insert_online_entries(index: GraphIndex, stream: Stream, rotation: Rotation)
             entry,
             rotation,
             transpose=False,
-            elem_type=tensor_type(index, entry),
+            elem_type=tensor_elem_type(index, entry),
             reason="R1 on a residual-stream graph input (no embedding table in this graph)",
         )
         for entry in stream.entries

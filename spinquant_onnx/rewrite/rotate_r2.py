@@ -81,6 +81,8 @@ def _from_softmax(index: GraphIndex, tensor: str, hops: int = 6) -> bool:
             return False
         if producer.op_type == "Softmax":
             return True
+        if not producer.input:  # a Constant or other input-less node
+            return False
         name = producer.input[0]
     return False
 
@@ -239,7 +241,7 @@ class R2:
         return ctx.uses_r2
 
     def check(self, ctx: PassContext) -> list[R2Site]:
-        sites, learned = ctx.analysis.sites, ctx.learned
+        sites, learned = ctx.analysis.sites_for("--r2"), ctx.learned
         if learned is not None and learned.has_r2:
             learned.check_layers([site.block for site in sites])
             rotation_for = learned.r2_for

@@ -21,7 +21,7 @@ import onnx
 from spinquant_onnx.errors import UnsupportedGraphError, UnsupportedSizeError
 from spinquant_onnx.graph.index import GraphIndex, Use, node_label
 from spinquant_onnx.graph.ops import KEY_LAYOUT_OPS, SCALAR_OPS, SCORE_OPS, SHAPE_ONLY_OPS, TRANSPARENT_OPS
-from spinquant_onnx.graph.shapes import activation_type
+from spinquant_onnx.graph.shapes import inferred_shape, tensor_elem_type
 from spinquant_onnx.match.heads import AttentionSite, op_axes, reshape_last_dim
 from spinquant_onnx.rewrite.base import PassContext, register
 from spinquant_onnx.rewrite.fast_hadamard_nodes import insert_online_hadamard
@@ -125,16 +125,10 @@ def key_insertion_point(index: GraphIndex, score: onnx.NodeProto, head_dim: int,
             name = node.input[1]
             continue
         if op == "Concat":
-            concat_axis = _concat_axis(index, node, rank)
-            if concat_axis is None:
-                raise UnsupportedGraphError(f"{where}: cannot tell which axis {node_label(node)} joins")
-            if concat_axis == axis:
+            fresh = _new_keys_of_concat(index, node, axis, rank, caches, where)
+            if fresh is None:
                 break  # e.g. Phi3's partial rotary puts the rotated and pass-through parts back together
-            fresh = [i for i in node.input if index.see_through_back(i) not in index.graph_inputs]
-            caches += [index.see_through_back(i) for i in node.input if i not in fresh]
-            if len(fresh) != 1:
-                raise UnsupportedGraphError(f"{where}: cannot tell the new keys in {node_label(node)}")
-            name = fresh[0]
+            name = fresh
             continue
         if op in KEY_LAYOUT_OPS:
             moved = _tracked_axis(index, node, axis, head_dim)
@@ -142,6 +136,12 @@ def key_insertion_point(index: GraphIndex, score: onnx.NodeProto, head_dim: int,
                 raise UnsupportedGraphError(
                     f"{where}: {node_label(node)} reshapes the keys across head_dim; cannot place R3"
                 )
+            if op == "Reshape" and not _last_dim_is(index, node.input[0], head_dim):
+                # #13: the head-split Reshape ([.., heads * head_dim] -> [.., heads, head_dim]), or one whose
+                # input's last dim is not proven to be head_dim: the keys are per head only from its output
+                # on, so R3 goes there (a head_dim Hadamard before it would mix heads or not even fit).
+                name = node.output[0]
+                break
             axis, rank = moved, _input_rank(index, node, rank)
             name = node.input[0]
             continue
@@ -149,6 +149,28 @@ def key_insertion_point(index: GraphIndex, score: onnx.NodeProto, head_dim: int,
     if axis != -1:
         raise UnsupportedGraphError(f"{where}: the keys reach {node_label(score)} with head_dim not last")
     return name, caches
+
+
+def _new_keys_of_concat(
+    index: GraphIndex, node: onnx.NodeProto, axis: int, rank: int | None, caches: list[str], where: str
+) -> str | None:
+    """The new keys a cache Concat appends (the cache inputs go to ``caches``); None when it joins on ``axis``."""
+    concat_axis = _concat_axis(index, node, rank)
+    if concat_axis is None:
+        raise UnsupportedGraphError(f"{where}: cannot tell which axis {node_label(node)} joins")
+    if concat_axis == axis:
+        return None
+    fresh = [i for i in node.input if index.see_through_back(i) not in index.graph_inputs]
+    caches += [index.see_through_back(i) for i in node.input if i not in fresh]
+    if len(fresh) != 1:
+        raise UnsupportedGraphError(f"{where}: cannot tell the new keys in {node_label(node)}")
+    return fresh[0]
+
+
+def _last_dim_is(index: GraphIndex, name: str, size: int) -> bool:
+    """Whether ``name``'s last dim is provably ``size`` (declared or inferred shape); unknown is False."""
+    shape = inferred_shape(index, name)
+    return bool(shape) and shape[-1] == size
 
 
 def _check_key_readers(index: GraphIndex, tensor: str, score: onnx.NodeProto, where: str) -> list[str]:
@@ -183,9 +205,10 @@ class R3Site:
     score: onnx.NodeProto
     query_edge: Use
     key_tensor: str
-    elem_type: int
+    elem_type: int  # of the queries' edge tensor
     caches: list[str]
     outputs: list[str]
+    key_elem_type: int = 0  # of the key tensor (each side typed from the tensor it reads, #13)
 
 
 def prepare_r3(index: GraphIndex, sites: list[AttentionSite]) -> list[R3Site]:
@@ -215,9 +238,10 @@ def prepare_r3(index: GraphIndex, sites: list[AttentionSite]) -> list[R3Site]:
                 score,
                 index.source_edge(score, 0),
                 key_tensor,
-                activation_type(index, site.q.linear.node),
+                tensor_elem_type(index, score.input[0]),
                 caches,
                 sorted(set(outputs)),
+                tensor_elem_type(index, key_tensor),
             )
         )
     return prepared
@@ -237,7 +261,11 @@ def insert_r3(index: GraphIndex, prepared: list[R3Site]) -> list[dict[str, Any]]
             readers=[(edge.node, edge.index)],
         )
         keys = insert_online_hadamard(
-            index, site.key_tensor, site.head_dim, elem_type=site.elem_type, reason=f"R3 keys, block {site.block}"
+            index,
+            site.key_tensor,
+            site.head_dim,
+            elem_type=site.key_elem_type or site.elem_type,
+            reason=f"R3 keys, block {site.block}",
         )
         report.append(
             {
@@ -263,7 +291,7 @@ class R3:
         return bool(ctx.options.r3)
 
     def check(self, ctx: PassContext) -> list[R3Site]:
-        return prepare_r3(ctx.analysis.index, ctx.analysis.sites)
+        return prepare_r3(ctx.analysis.index, ctx.analysis.sites_for("--r3"))
 
     def apply(self, ctx: PassContext, checked: list[R3Site]) -> None:
         ctx.done["r3"] = insert_r3(ctx.analysis.index, checked)

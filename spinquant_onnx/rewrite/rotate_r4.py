@@ -12,7 +12,7 @@ from typing import Any
 
 from spinquant_onnx.errors import UnsupportedGraphError, UnsupportedSizeError
 from spinquant_onnx.graph.index import GraphIndex
-from spinquant_onnx.graph.shapes import activation_type
+from spinquant_onnx.graph.shapes import tensor_elem_type
 from spinquant_onnx.match.linears import Linear
 from spinquant_onnx.match.roles import Roles
 from spinquant_onnx.rewrite.base import PassContext, register
@@ -53,7 +53,7 @@ def insert_r4(index: GraphIndex, downs: list[tuple[int, Linear]], plan: TensorPl
             index,
             edge.node.input[edge.index],
             down.in_features,
-            elem_type=activation_type(index, down.node),
+            elem_type=tensor_elem_type(index, edge.node.input[edge.index]),  # #13: the tensor it reads
             reason=f"R4 down_proj input, block {number}",
             readers=[(edge.node, edge.index)],
         )
