@@ -34,16 +34,25 @@ SEARCH_LIMIT = 40
 class HeadGeometry:
     num_heads: int
     num_kv_heads: int
-    head_dim: int
+    head_dim: int  # of queries and keys (R3)
     evidence: list[str] = field(default_factory=list)
+    value_head_dim: int | None = None  # of values and o_proj's input when it differs (MLA), else head_dim
+
+    @property
+    def v_head_dim(self) -> int:
+        """The head size R2 turns: V's and o_proj's (DeepSeek's MLA has q/k heads of another size)."""
+        return self.value_head_dim or self.head_dim
 
     def describe(self) -> dict[str, object]:
-        return {
+        found: dict[str, object] = {
             "num_heads": self.num_heads,
             "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "evidence": self.evidence,
         }
+        if self.value_head_dim is not None:
+            found["v_head_dim"] = self.value_head_dim
+        return found
 
 
 @dataclass
