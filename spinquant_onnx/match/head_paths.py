@@ -178,7 +178,7 @@ def next_axis(index: GraphIndex, step: Step, head_dim: int, rules: dict[str, Rul
     if rule is None:
         return None
     shape = shape_of(index, step.node.input[step.slot])
-    if shape is None or step.axis >= len(shape) or shape[step.axis] % head_dim:
+    if shape is None or not 0 <= step.axis < len(shape) or shape[step.axis] % head_dim:
         return None
     return rule(index, step, head_dim)
 

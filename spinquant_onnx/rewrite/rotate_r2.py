@@ -151,7 +151,8 @@ def value_path(index: GraphIndex, site: AttentionSite) -> list[str]:
                 frontier.append((node.output[0], LAST))  # the op's output is [.., heads * head_dim]
                 outputs.extend(out for out in node.output[1:] if out in index.graph_outputs)
             else:
-                moved = _step(index, use, axis, head_dim, where)
+                known = last_axis(index, name) if axis == LAST else axis
+                moved = _step(index, use, LAST if known is None else known, head_dim, where)
                 frontier.extend((out, moved) for out in node.output if out)
     if not reached:
         raise UnsupportedGraphError(f"{where}: the values from {v.linear.label} never reach o_proj {o.label}")
