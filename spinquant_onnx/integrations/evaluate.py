@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,15 @@ import onnx
 from onnx import TensorProto, helper
 
 from spinquant_onnx.errors import InputError
+from spinquant_onnx.integrations.quantize import (
+    _feeds,
+    _load_full,
+    _too_big,
+    excluded_nodes,
+    name_nodes,
+    quantize_w4,
+    quantize_w8a8,
+)
 from spinquant_onnx.io.model_file import load_model
 from spinquant_onnx.match.analysis import Analysis, analyze
 
@@ -38,8 +46,6 @@ ROW_LABELS = {
     "w4-128": "W4 RTN block 128",
     "w4-32": "W4 RTN block 32",
 }
-ONLINE_PREFIX = "spinquant/online/"
-PROTOBUF_LIMIT = 1_800_000_000
 Log = Callable[[str], None]
 
 
@@ -124,25 +130,6 @@ def split_windows(tokens: np.ndarray, config: EvalConfig) -> tuple[np.ndarray, n
     return windows[:scored], windows[scored:]
 
 
-def _feeds(names: Sequence[str], window: np.ndarray) -> dict[str, np.ndarray]:
-    """One window as a batch of 1 with a full attention mask."""
-    ids = window.reshape(1, -1).astype(np.int64)
-    feeds = {}
-    for name in names:
-        if name == "input_ids":
-            feeds[name] = ids
-        elif name == "attention_mask":
-            feeds[name] = np.ones_like(ids)
-        elif name == "position_ids":
-            feeds[name] = np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1)
-        else:
-            raise InputError(
-                f"model input '{name}' is not input_ids / attention_mask / position_ids; "
-                "eval scores prefill-only exports (no past key/values)"
-            )
-    return feeds
-
-
 # ------------------------------------------------------------------------------------------ perplexity
 
 
@@ -189,28 +176,6 @@ def residual_points(analysis: Analysis) -> list[str]:
     return points
 
 
-def lm_head_nodes(analysis: Analysis) -> list[str]:
-    """Names of the lm_head linears (readers of the final norm)."""
-    roles = analysis.roles
-    return [entry.linear.node.name for entry in roles.final.readers] if roles.final is not None else []
-
-
-def online_nodes(model: onnx.ModelProto) -> list[str]:
-    return [n.name for n in model.graph.node if n.name.startswith(ONLINE_PREFIX)]
-
-
-def name_nodes(model: onnx.ModelProto) -> None:
-    """Give unnamed nodes a name: the quantizers select and exclude nodes by name."""
-    taken = {n.name for n in model.graph.node if n.name}
-    for number, node in enumerate(model.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{number}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
-
-
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """Expose intermediate tensors as graph outputs (type float; shape left to the runtime)."""
     present = {o.name for o in model.graph.output}
@@ -218,17 +183,6 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
         if name not in present:
             model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     return model
-
-
-def _load_full(path: Path) -> onnx.ModelProto:
-    load_model(path)  # one-line errors for a missing or corrupt file
-    model = onnx.load(str(path), load_external_data=True)
-    name_nodes(model)
-    return model
-
-
-def _too_big(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() > PROTOBUF_LIMIT
 
 
 @contextlib.contextmanager
@@ -265,73 +219,6 @@ def _session(model: onnx.ModelProto | Path, providers: list[str] | None, referen
             raise InputError(f"onnxruntime cannot load or run the model: {exc}") from exc
 
 
-@contextlib.contextmanager
-def _quiet_quantizers() -> Iterator[None]:
-    """onnxruntime.quantization logs every node at INFO (it configures the root logger on import)."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-# ------------------------------------------------------------------------------------------ quantizers
-
-
-class _Reader:
-    """onnxruntime CalibrationDataReader over fixed windows."""
-
-    def __init__(self, windows: np.ndarray, input_names: Sequence[str]) -> None:
-        self._feeds = iter([_feeds(input_names, w) for w in windows])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._feeds, None)
-
-
-def quantize_w8a8(source: Path, target: Path, calibration: np.ndarray, exclude: Sequence[str]) -> Path:
-    """Static W8A8 QDQ on linears (MatMul with a constant weight): int8 per-channel weights, uint8 activations."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    model = _load_full(source)
-    inputs = [i.name for i in model.graph.input]
-    with _quiet_quantizers():
-        quantize_static(
-            model,
-            str(target),
-            _Reader(calibration, inputs),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul"],
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(exclude),
-            use_external_data_format=_too_big(model),
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"MatMulConstBOnly": True},
-        )
-    return target
-
-
-def quantize_w4(source: Path, target: Path, block_size: int, exclude: Sequence[str]) -> Path:
-    """Weight-only int4 (MatMulNBits), symmetric round-to-nearest per block of ``block_size`` inputs."""
-    with _quiet_quantizers():
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            MatMulNBitsQuantizer,
-        )
-
-        model = _load_full(source)
-        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True)
-        quantizer = MatMulNBitsQuantizer(
-            model, block_size=block_size, is_symmetric=True, nodes_to_exclude=list(exclude), algo_config=config
-        )
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(target), use_external_data_format=_too_big(quantizer.model.model))
-    return target
-
-
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -351,9 +238,7 @@ def evaluate_model(
     _check_vocab(graph, path, tokens[: scored.size + calibration.size])
     name_nodes(graph)
     analysis = functools.cache(lambda: analyze(graph, path.parent))  # matched once, only if a row needs it
-    keep_float = online_nodes(graph)
-    if not config.quantize_lm_head:
-        keep_float += lm_head_nodes(analysis())
+    excluded = excluded_nodes(graph, None if config.quantize_lm_head else analysis(), config.quantize_lm_head)
     with tempfile.TemporaryDirectory(prefix="spinquant_eval_") as tmp:
         for row in config.rows:
             started = time.perf_counter()
@@ -361,7 +246,7 @@ def evaluate_model(
             if row == "float":
                 result.nll[row] = _score_float(path, scored, config, result, analysis)
             else:
-                quantized = _quantized(row, path, Path(tmp), calibration, keep_float)
+                quantized = _quantized(row, path, Path(tmp), calibration, excluded)
                 with _session(quantized, config.providers, reference_qdq=row == "w8a8") as session:
                     result.nll[row] = score(session, scored).nll
             result.perplexity[row] = math.exp(result.nll[row])
