@@ -335,3 +335,25 @@ def test_head_path_rules_prove_and_refuse() -> None:
     assert next_axis(index, Step(node, 0, 2), 16, RULES) is None
     index, node = index_for([2, 4, 3, 16], [8, 3, 16])  # sdpa's [batch * heads, seq, head_dim]
     assert next_axis(index, Step(node, 0, 3), 16, RULES) == 2
+
+
+def test_concat_rule_passes_the_cache_but_not_a_constant() -> None:
+    """Keys joined with a graph input (the cache) along the sequence keep blocks; with a constant, refused."""
+    from spinquant_onnx.match.head_paths import RULES, Step, next_axis
+
+    def concat_with(other: str, initializers: list) -> tuple[GraphIndex, onnx.NodeProto]:
+        node = helper.make_node("Concat", [other, "k"], ["y"], axis=2)
+        inputs = [helper.make_tensor_value_info("k", TensorProto.FLOAT, [2, 2, 3, 16])]
+        if not initializers:
+            inputs.append(helper.make_tensor_value_info(other, TensorProto.FLOAT, [2, 2, 5, 16]))
+        graph = helper.make_graph(
+            [node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2, 8, 16])], initializers
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        return GraphIndex(model, TensorStore(model)), node
+
+    index, node = concat_with("past", [])
+    assert next_axis(index, Step(node, 1, 3), 16, RULES) == 3
+    sink = numpy_helper.from_array(np.ones((2, 2, 5, 16), np.float32), "sink")
+    index, node = concat_with("sink", [sink])
+    assert next_axis(index, Step(node, 1, 3), 16, RULES) is None

@@ -122,10 +122,18 @@ def _normal(axis: int, rank: int) -> int:
 
 
 def join(index: GraphIndex, step: Step, head_dim: int) -> int | None:
-    """Concat along another axis (the KV cache along the sequence): blocks untouched."""
+    """Concat along another axis (the KV cache along the sequence): blocks untouched.
+
+    The other inputs are the cache, which holds rotated entries (written by the previous step); a constant
+    joined in would not be rotated, so only an all-zero one passes.
+    """
     shapes = _shapes(index, step)
     if shapes is None:
         return None
+    for slot, name in enumerate(step.node.input):
+        value = index.constant(name) if slot != step.slot else None
+        if value is not None and np.any(value):
+            return None
     rank = len(shapes[0])
     return step.axis if _normal(index.attr(step.node, "axis", 0), rank) != step.axis else None
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx
 
 from spinquant_onnx.errors import UnsupportedGraphError, UnsupportedSizeError
 from spinquant_onnx.graph.index import GraphIndex, Use, node_label
@@ -90,16 +89,6 @@ def _from_softmax(index: GraphIndex, tensor: str, hops: int = 6) -> bool:
 LAST = -1  # the head axis is the last one (after a fused attention op, whose output rank need not be known)
 
 
-def _cache_inputs(index: GraphIndex, node: onnx.NodeProto, slot: int, where: str) -> None:
-    """A Concat on the value path may join only the cache (rotated by the previous step), never constants."""
-    for other, name in enumerate(node.input):
-        value = index.constant(name) if other != slot else None
-        if value is not None and np.any(value):
-            raise UnsupportedGraphError(
-                f"{where}: {node_label(node)} joins the values with a constant; cannot apply R2 exactly (drop --r2)"
-            )
-
-
 def _step(index: GraphIndex, use: Use, axis: int, head_dim: int, where: str) -> int:
     """The head axis in the node's outputs (``match/head_paths.VALUE_RULES``), or a refusal naming the node."""
     node = use.node
@@ -117,8 +106,6 @@ def _step(index: GraphIndex, use: Use, axis: int, head_dim: int, where: str) -> 
             f"shape {shape_of(index, node.input[use.index])}, head_dim {head_dim}); cannot apply R2 exactly "
             "(drop --r2)"
         )
-    if node.op_type == "Concat":
-        _cache_inputs(index, node, use.index, where)
     return moved
 
 
