@@ -107,8 +107,19 @@ def _provider_loads(provider: str) -> bool:
     except Exception:  # noqa: BLE001 - ORT errors derive from Exception; any failure means "does not load"
         return False
     finally:
-        ort.set_default_logger_severity(2)
+        ort.set_default_logger_severity(_default_log_severity)
     return session.get_providers()[0] == provider
+
+
+_default_log_severity = 2  # onnxruntime's own default (warnings and above)
+
+
+def quiet_runtime_logs(severity: int = 4) -> None:
+    """Keep onnxruntime's own log lines (colored ``[E:onnxruntime:...]``) off stderr: the command line
+    reports every failure itself, once, as one line."""
+    global _default_log_severity
+    _default_log_severity = severity
+    ort.set_default_logger_severity(severity)
 
 
 # ------------------------------------------------------------------------------------------------ inputs

@@ -118,6 +118,8 @@ def _input_value(
     if elem_type in _FLOAT_TYPES:
         return rng.standard_normal(shape).astype(dtype)
     if elem_type == TensorProto.BOOL:
+        if "mask" in name:  # a selection mask (Qwen3-VL's visual_pos_masks): both branches get exercised
+            return rng.random(shape) < 0.5
         # Merged decoders (optimum) take `use_cache_branch`: the with-past branch is the one to test.
         return np.full(shape, past > 0 and "cache" in name, dtype=dtype)
     if "input_ids" in name:

@@ -29,10 +29,12 @@ from spinquant_onnx.integrations.quantize import (
     _feeds,
     _load_full,
     _too_big,
+    cache_hints,
     excluded_nodes,
     name_nodes,
     quantize_w4,
     quantize_w8a8,
+    session_inputs,
 )
 from spinquant_onnx.io.model_file import load_model
 from spinquant_onnx.match.analysis import Analysis, analyze
@@ -149,14 +151,18 @@ class Scored:
     absmax: np.ndarray | None
 
 
-def score(session: Any, windows: np.ndarray, extra_outputs: Sequence[str] = ()) -> Scored:
+def score(
+    session: Any, windows: np.ndarray, extra_outputs: Sequence[str] = (), hints: dict[str, int] | None = None
+) -> Scored:
     """Mean NLL over all windows; with ``extra_outputs``, also their per-channel max |x| (last axis)."""
-    logits_name = session.get_outputs()[0].name
+    outputs_named = [o.name for o in session.get_outputs()]
+    logits_name = "logits" if "logits" in outputs_named else outputs_named[0]
     names = [logits_name, *extra_outputs]
+    inputs = session_inputs(session)
     total, count = 0.0, 0
     absmax: np.ndarray | None = None
     for window in windows:
-        outputs = session.run(names, _feeds([i.name for i in session.get_inputs()], window))
+        outputs = session.run(names, _feeds(inputs, window, hints))
         nll = window_nll(outputs[0], window)
         total, count = total + float(nll.sum()), count + nll.size
         if extra_outputs:
@@ -238,17 +244,18 @@ def evaluate_model(
     _check_vocab(graph, path, tokens[: scored.size + calibration.size])
     name_nodes(graph)
     analysis = functools.cache(lambda: analyze(graph, path.parent))  # matched once, only if a row needs it
-    excluded = excluded_nodes(graph, None if config.quantize_lm_head else analysis(), config.quantize_lm_head)
+    keep_float = excluded_nodes(graph, None if config.quantize_lm_head else analysis(), config.quantize_lm_head)
+    hints = cache_hints(graph, analysis)
     with tempfile.TemporaryDirectory(prefix="spinquant_eval_") as tmp:
         for row in config.rows:
             started = time.perf_counter()
             say(f"[{label}] {ROW_LABELS[row]} ...")
             if row == "float":
-                result.nll[row] = _score_float(path, scored, config, result, analysis)
+                result.nll[row] = _score_float(path, scored, config, result, analysis, hints)
             else:
-                quantized = _quantized(row, path, Path(tmp), calibration, excluded)
+                quantized = _quantized(row, path, Path(tmp), calibration, keep_float, hints)
                 with _session(quantized, config.providers, reference_qdq=row == "w8a8") as session:
-                    result.nll[row] = score(session, scored).nll
+                    result.nll[row] = score(session, scored, hints=hints).nll
             result.perplexity[row] = math.exp(result.nll[row])
             result.timings[row] = round(time.perf_counter() - started, 2)
             say(f"[{label}] {ROW_LABELS[row]}: perplexity {result.perplexity[row]:.3f}")
@@ -267,25 +274,32 @@ def _check_vocab(graph: onnx.ModelProto, path: Path, used: np.ndarray) -> None:
 
 
 def _score_float(
-    path: Path, scored: np.ndarray, config: EvalConfig, result: ModelResult, analysis: Callable[[], Analysis]
+    path: Path,
+    scored: np.ndarray,
+    config: EvalConfig,
+    result: ModelResult,
+    analysis: Callable[[], Analysis],
+    hints: dict[str, int],
 ) -> float:
     """Float NLL; with ``config.activations``, the residual stream's per-channel max |x| in the same pass."""
     if not config.activations:
         with _session(path, config.providers) as session:
-            return score(session, scored).nll
+            return score(session, scored, hints=hints).nll
     model = _load_full(path)
     points = residual_points(analysis())  # tensor names: the same in the full model as in ``graph``
     with _session(with_outputs(model, points), config.providers) as session:
-        outcome = score(session, scored, points)
+        outcome = score(session, scored, points, hints)
     result.residual_absmax, result.residual_points = outcome.absmax, points
     return outcome.nll
 
 
-def _quantized(row: str, path: Path, tmp: Path, calibration: np.ndarray, keep_float: list[str]) -> Path:
+def _quantized(
+    row: str, path: Path, tmp: Path, calibration: np.ndarray, keep_float: list[str], hints: dict[str, int]
+) -> Path:
     """The quantized copy for ``row``; both W8A8 rows share one file (only the kernels differ)."""
     if row.startswith("w8a8"):
         target = tmp / "w8a8.onnx"
-        return target if target.is_file() else quantize_w8a8(path, target, calibration, keep_float)
+        return target if target.is_file() else quantize_w8a8(path, target, calibration, keep_float, hints)
     return quantize_w4(path, tmp / f"{row}.onnx", int(row.split("-")[1]), keep_float)
 
 

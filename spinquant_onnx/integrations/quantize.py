@@ -11,12 +11,16 @@ names them, for ``nodes_to_exclude`` here or in any other quantizer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from spinquant_onnx.errors import InputError
 from spinquant_onnx.io.model_file import load_model
@@ -36,21 +40,80 @@ def keep_float(model: onnx.ModelProto) -> list[str]:
     return online_node_names(model)
 
 
-def _feeds(names: Sequence[str], window: np.ndarray) -> dict[str, np.ndarray]:
-    """One window as a batch of 1 with a full attention mask."""
-    ids = window.reshape(1, -1).astype(np.int64)
-    feeds = {}
-    for name in names:
-        if name == "input_ids":
-            feeds[name] = ids
-        elif name == "attention_mask":
-            feeds[name] = np.ones_like(ids)
-        elif name == "position_ids":
-            feeds[name] = np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1)
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input as eval needs it: its name, its dims (int, or a symbolic name / None) and element type."""
+
+    name: str
+    dims: tuple[int | str | None, ...]
+    dtype: np.dtype
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def session_inputs(session: Any) -> list[InputSpec]:
+    return [
+        InputSpec(i.name, tuple(i.shape), np.dtype(_ORT_TYPES.get(i.type, np.float32))) for i in session.get_inputs()
+    ]
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for info in model.graph.input:
+        if info.name in initializers:
+            continue
+        tensor_type = info.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+        specs.append(InputSpec(info.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))))
+    return specs
+
+
+def _is_cache(spec: InputSpec) -> bool:
+    return "past" in spec.name.lower() and len(spec.dims) >= 3 and spec.dtype.kind == "f"
+
+
+def empty_cache(spec: InputSpec, hints: dict[str, int]) -> np.ndarray:
+    """A zero-length past for a KV-cache input: batch 1, the past axis 0, every other dim fixed or hinted."""
+    shape = []
+    for dim in spec.dims:
+        if isinstance(dim, int) and dim > 0:
+            shape.append(dim)
+        elif isinstance(dim, str) and dim in hints:
+            shape.append(hints[dim])
+        elif isinstance(dim, str) and "past" in dim.lower():
+            shape.append(0)
+        elif isinstance(dim, str) and "batch" in dim.lower():
+            shape.append(1)
         else:
             raise InputError(
-                f"model input '{name}' is not input_ids / attention_mask / position_ids; "
-                "eval scores prefill-only exports (no past key/values)"
+                f"model input '{spec.name}': cannot size its dim {dim!r} for an empty KV cache "
+                "(expected batch / past-sequence names or fixed sizes)"
+            )
+    return np.zeros(shape, dtype=spec.dtype)
+
+
+def _feeds(inputs: Sequence[InputSpec], window: np.ndarray, hints: dict[str, int] | None = None
+           ) -> dict[str, np.ndarray]:
+    """One window as a batch of 1 with a full attention mask, and an empty past for KV-cache exports."""
+    ids = window.reshape(1, -1).astype(np.int64)
+    feeds = {}
+    for spec in inputs:
+        name = spec.name
+        if name == "input_ids":
+            feeds[name] = ids.astype(spec.dtype) if spec.dtype.kind == "i" else ids
+        elif name == "attention_mask":
+            feeds[name] = np.ones_like(ids, dtype=spec.dtype if spec.dtype.kind == "i" else np.int64)
+        elif name == "position_ids":
+            feeds[name] = np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1)
+        elif _is_cache(spec):
+            feeds[name] = empty_cache(spec, hints or {})
+        else:
+            raise InputError(
+                f"model input '{name}' is not input_ids / attention_mask / position_ids or a past key/value; "
+                "eval cannot feed it"
             )
     return feeds
 
@@ -102,24 +165,25 @@ def _quiet_quantizers() -> Iterator[None]:
 class _Reader:
     """onnxruntime CalibrationDataReader over fixed windows."""
 
-    def __init__(self, windows: np.ndarray, input_names: Sequence[str]) -> None:
-        self._feeds = iter([_feeds(input_names, w) for w in windows])
+    def __init__(self, windows: np.ndarray, inputs: Sequence[InputSpec], hints: dict[str, int]) -> None:
+        self._feeds = iter([_feeds(inputs, w, hints) for w in windows])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._feeds, None)
 
 
-def quantize_w8a8(source: Path, target: Path, calibration: np.ndarray, exclude: Sequence[str]) -> Path:
+def quantize_w8a8(
+    source: Path, target: Path, calibration: np.ndarray, exclude: Sequence[str], hints: dict[str, int] | None = None
+) -> Path:
     """Static W8A8 QDQ on linears (MatMul with a constant weight): int8 per-channel weights, uint8 activations."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = _load_full(source)
-    inputs = [i.name for i in model.graph.input]
     with _quiet_quantizers():
         quantize_static(
             model,
             str(target),
-            _Reader(calibration, inputs),
+            _Reader(calibration, model_inputs(model), hints or {}),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["MatMul"],
             per_channel=True,
@@ -151,6 +215,20 @@ def quantize_w4(source: Path, target: Path, block_size: int, exclude: Sequence[s
     return target
 
 
+def cache_hints(graph: onnx.ModelProto, analysis: Callable[[], Analysis]) -> dict[str, int]:
+    """Sizes of KV-cache dims their names do not explain (genai's ``kv_cache_dim``), from the head geometry."""
+    named = {
+        dim
+        for spec in model_inputs(graph)
+        if _is_cache(spec)
+        for dim in spec.dims
+        if isinstance(dim, str) and "past" not in dim.lower() and "batch" not in dim.lower()
+    }
+    if not named:
+        return {}
+    from spinquant_onnx.core.pipeline import input_dim_hints
+
+    return input_dim_hints(analysis())
 
 
 def calibration_windows(tokens: np.ndarray, count: int, length: int) -> np.ndarray:
@@ -194,13 +272,14 @@ def quantize_model(
         raise InputError(f"{target}: output is the input file; choose another name")
     graph = load_model(source)
     name_nodes(graph)
-    analysis = None if quantize_lm_head else analyze(graph, source.parent)
-    exclude = excluded_nodes(graph, analysis, quantize_lm_head)
+    matched = functools.cache(lambda: analyze(graph, source.parent))  # only if lm_head or a cache needs it
+    exclude = excluded_nodes(graph, None if quantize_lm_head else matched(), quantize_lm_head)
     target.parent.mkdir(parents=True, exist_ok=True)
     if scheme == "w8a8":
         if tokens is None:
             raise InputError("w8a8 needs calibration tokens (--tokens T.npy)")
-        quantize_w8a8(source, target, calibration_windows(tokens, windows, window_len), exclude)
+        calibration = calibration_windows(tokens, windows, window_len)
+        quantize_w8a8(source, target, calibration, exclude, cache_hints(graph, matched))
     else:
         quantize_w4(source, target, block_size, exclude)
     return {"scheme": scheme, "output": str(target), "kept_float": exclude, "online_nodes": keep_float(graph)}
