@@ -17,6 +17,7 @@ Run from the repository root: ``python scripts/make_edit_fixtures.py`` (only onn
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +202,7 @@ def rotary_free_decoder(
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     built = {
         "per_channel_eps.onnx": per_channel_eps(),

@@ -254,3 +254,106 @@ def test_kv_cache_exports_decode_identically(path: Path, tmp_path: Path) -> None
     result = report["validation"]
     assert result["passed"] and result["rel_l2"] < EXACT, result
     assert any("decode" in case for case in result["cases"])
+
+
+# ------------------------------------------------------------------- head paths from probed shapes (#14)
+
+FAMILIES = FIXTURES / "families"
+
+
+def _family(name: str) -> Path:
+    path = FAMILIES / name
+    if not path.is_file():
+        pytest.skip(f"{name} not in fixtures/families")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "geometry"),
+    [
+        ("llama_sdpa_tf5_ts17.onnx", (4, 2, 16)),  # repeat_kv Reshape with a run-time shape (was refused)
+        ("llama_mqa_sdpa_tf5_dy18.onnx", (4, 1, 16)),  # MQA, sdpa decomposed by dynamo (was refused)
+        ("gemma2_eager_tf5_ts17.onnx", (4, 2, 16)),  # soft-capped scores: Div, Tanh, Mul before the mask
+        ("phi3_sdpa_tf5_dy18.onnx", None),  # partial rotary: R3 after the Concat along head_dim
+        ("llama_kv_ts17.onnx", None),  # KV cache: new keys told from the cache by dataflow, not by name
+    ],
+)
+def test_r2_r3_r4_exact_where_local_patterns_refused(name: str, geometry: tuple | None, tmp_path: Path) -> None:
+    path = _family(name)
+    report = convert(path, tmp_path / "r.onnx", validate=True, threshold=EXACT, r2=True, r3=True, r4=True).to_dict()
+    validation = report["validation"]
+    assert validation["passed"] and validation["rel_l2"] < EXACT and validation["argmax_agreement"] == 1.0
+    assert report["rotation"]["r2"] and report["rotation"]["r3"] and report["rotation"]["r4"]
+    if geometry is not None:
+        r2 = report["rotation"]["r2"][0]
+        assert (r2["num_heads"], r2["num_kv_heads"], r2["head_dim"]) == geometry
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3_mla_ts17.onnx", "deepseek_v3_mla_dy18.onnx"])
+def test_mla_is_refused_by_name_and_r4_is_exact(name: str, tmp_path: Path) -> None:
+    path = _family(name)
+    for flag in ("r2", "r3"):
+        with pytest.raises(UnsupportedGraphError, match="multi-head latent attention"):
+            convert(path, tmp_path / f"{flag}.onnx", **{flag: True})
+        assert not (tmp_path / f"{flag}.onnx").exists()
+    report = convert(path, tmp_path / "r4.onnx", validate=True, threshold=EXACT, r4=True).to_dict()
+    assert report["validation"]["rel_l2"] < EXACT
+
+
+def test_probe_records_distinct_sizes() -> None:
+    """Batch 2, sequence 3: the head split's output shows heads and head_dim as themselves."""
+    from spinquant_onnx.graph.probe import graph_shapes
+
+    analysis = analyze(onnx.load(str(FIXTURES / "llama_ts.onnx")), FIXTURES)
+    site = attention_sites(analysis.index, analysis.roles)[0]
+    shapes = graph_shapes(analysis.index)
+    reshape = next(u.node for u in analysis.index.users(site.v.tensor) if u.node.op_type == "Reshape")
+    assert shapes[site.v.tensor] == (2, 3, 32)
+    assert shapes[reshape.output[0]] == (2, 3, 2, 16)
+    assert any("probed shape" in line for line in site.geometry.evidence)
+
+
+def test_head_path_rules_prove_and_refuse() -> None:
+    """The rule table on concrete shapes: a head split keeps blocks, a Reshape cutting head_dim does not."""
+    from spinquant_onnx.match.head_paths import RULES, Step, next_axis
+
+    def index_for(shape_in: list[int], shape_out: list[int]) -> tuple[GraphIndex, onnx.NodeProto]:
+        node = helper.make_node("Reshape", ["x", "s"], ["y"])
+        graph = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape_in)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape_out)],
+            [numpy_helper.from_array(np.array(shape_out, np.int64), "s")],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        return GraphIndex(model, TensorStore(model)), node
+
+    index, node = index_for([2, 3, 32], [2, 3, 2, 16])
+    assert next_axis(index, Step(node, 0, 2), 16, RULES) == 3
+    index, node = index_for([2, 3, 32], [2, 3, 4, 8])  # head_dim 16 cut in halves
+    assert next_axis(index, Step(node, 0, 2), 16, RULES) is None
+    index, node = index_for([2, 4, 3, 16], [8, 3, 16])  # sdpa's [batch * heads, seq, head_dim]
+    assert next_axis(index, Step(node, 0, 3), 16, RULES) == 2
+
+
+def test_concat_rule_passes_the_cache_but_not_a_constant() -> None:
+    """Keys joined with a graph input (the cache) along the sequence keep blocks; with a constant, refused."""
+    from spinquant_onnx.match.head_paths import RULES, Step, next_axis
+
+    def concat_with(other: str, initializers: list) -> tuple[GraphIndex, onnx.NodeProto]:
+        node = helper.make_node("Concat", [other, "k"], ["y"], axis=2)
+        inputs = [helper.make_tensor_value_info("k", TensorProto.FLOAT, [2, 2, 3, 16])]
+        if not initializers:
+            inputs.append(helper.make_tensor_value_info(other, TensorProto.FLOAT, [2, 2, 5, 16]))
+        graph = helper.make_graph(
+            [node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2, 8, 16])], initializers
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        return GraphIndex(model, TensorStore(model)), node
+
+    index, node = concat_with("past", [])
+    assert next_axis(index, Step(node, 1, 3), 16, RULES) == 3
+    sink = numpy_helper.from_array(np.ones((2, 2, 5, 16), np.float32), "sink")
+    index, node = concat_with("sink", [sink])
+    assert next_axis(index, Step(node, 1, 3), 16, RULES) is None

@@ -42,8 +42,8 @@ ACTIVATION_OPS = frozenset(
 LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Tile", "Concat", "Slice"})
 # Layout ops between a key's rotary output and the scores MatMul (R3's key path).
 KEY_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Tile", "Concat"})
-# Ops between the scores MatMul and the probabilities that do not mix the head axis.
-SCORE_OPS = frozenset({"Mul", "Div", "Add", "Where", "Cast", "Softmax"})
+# Ops between the scores MatMul and the probabilities that do not mix the head axis (Tanh: Gemma2's soft-capping).
+SCORE_OPS = frozenset({"Mul", "Div", "Add", "Where", "Cast", "Softmax", "Tanh"})
 # Ops between a VLM merger projection and a visual output that move whole rows of the hidden axis around
 # (window un-permutation, stacking, reshapes) and so commute with ``x -> x @ R`` on that axis.
 ROW_OPS = frozenset({"Gather", "Concat", "Reshape", "Unsqueeze", "Squeeze", "Transpose"})

@@ -195,3 +195,45 @@ def apply_to_sim(sim: Any, apply: Callable[..., Any], **options: Any) -> Any:
     reset_encodings(sim, to_reset)
     rebuild_session(sim)
     return report
+
+
+def keep_online_float(sim: Any, bitwidth: int | None = None) -> list[str]:
+    """Disable (or, with ``bitwidth=16``, widen) the quantizers on the online rotation nodes' inputs.
+
+    For a sim built from a rotated model: its online Hadamards (``keep_float``) would otherwise see their
+    input quantized before the rotation and the weight they rotate by quantized too, turning the rotation's
+    benefit into a loss. Returns the names of the quantizers changed; call before ``compute_encodings``.
+    """
+    from spinquant_onnx.rewrite.online import online_node_names
+
+    model = model_proto_of(sim)
+    if model is None:
+        raise SpinQuantError("keep_online_float needs a QuantizationSimModel (an object with .model.model)")
+    quantizers = _quantizers(sim)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    online = set(online_node_names(model))
+    if not online:
+        raise SpinQuantError("the sim's model has no online rotation nodes (build the sim from a rotated model)")
+    changed: list[str] = []
+    for node in model.graph.node:
+        if node.name not in online:
+            continue
+        for name in node.input:
+            key = _input_quantizer(name, producer, quantizers)
+            if key is None or key in changed:
+                continue
+            if bitwidth is None:
+                quantizers[key].enabled = False
+            else:
+                quantizers[key].set_bitwidth(bitwidth)
+            changed.append(key)
+    return changed
+
+
+def _input_quantizer(name: str, producer: dict[str, onnx.NodeProto], quantizers: dict[str, Any]) -> str | None:
+    """The sim's quantizer on a node input: keyed by the tensor, or by the QcQuantizeOp producing it."""
+    node = producer.get(name)
+    keys = [name]
+    if node is not None and node.op_type == QUANTIZER_OP:
+        keys += [node.name, node.input[0]]
+    return next((k for k in keys if k in quantizers), None)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,17 @@ import onnx
 from onnx import TensorProto, helper
 
 from spinquant_onnx.errors import InputError
+from spinquant_onnx.integrations.quantize import (
+    _feeds,
+    _load_full,
+    _too_big,
+    cache_hints,
+    excluded_nodes,
+    name_nodes,
+    quantize_w4,
+    quantize_w8a8,
+    session_inputs,
+)
 from spinquant_onnx.io.model_file import load_model
 from spinquant_onnx.match.analysis import Analysis, analyze
 
@@ -38,8 +48,6 @@ ROW_LABELS = {
     "w4-128": "W4 RTN block 128",
     "w4-32": "W4 RTN block 32",
 }
-ONLINE_PREFIX = "spinquant/online/"
-PROTOBUF_LIMIT = 1_800_000_000
 Log = Callable[[str], None]
 
 
@@ -124,84 +132,6 @@ def split_windows(tokens: np.ndarray, config: EvalConfig) -> tuple[np.ndarray, n
     return windows[:scored], windows[scored:]
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """A graph input as eval needs it: its name, its dims (int, or a symbolic name / None) and element type."""
-
-    name: str
-    dims: tuple[int | str | None, ...]
-    dtype: np.dtype
-
-
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-
-def session_inputs(session: Any) -> list[InputSpec]:
-    return [
-        InputSpec(i.name, tuple(i.shape), np.dtype(_ORT_TYPES.get(i.type, np.float32))) for i in session.get_inputs()
-    ]
-
-
-def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    initializers = {t.name for t in model.graph.initializer}
-    specs = []
-    for info in model.graph.input:
-        if info.name in initializers:
-            continue
-        tensor_type = info.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
-        specs.append(InputSpec(info.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))))
-    return specs
-
-
-def _is_cache(spec: InputSpec) -> bool:
-    return "past" in spec.name.lower() and len(spec.dims) >= 3 and spec.dtype.kind == "f"
-
-
-def empty_cache(spec: InputSpec, hints: dict[str, int]) -> np.ndarray:
-    """A zero-length past for a KV-cache input: batch 1, the past axis 0, every other dim fixed or hinted."""
-    shape = []
-    for dim in spec.dims:
-        if isinstance(dim, int) and dim > 0:
-            shape.append(dim)
-        elif isinstance(dim, str) and dim in hints:
-            shape.append(hints[dim])
-        elif isinstance(dim, str) and "past" in dim.lower():
-            shape.append(0)
-        elif isinstance(dim, str) and "batch" in dim.lower():
-            shape.append(1)
-        else:
-            raise InputError(
-                f"model input '{spec.name}': cannot size its dim {dim!r} for an empty KV cache "
-                "(expected batch / past-sequence names or fixed sizes)"
-            )
-    return np.zeros(shape, dtype=spec.dtype)
-
-
-def _feeds(inputs: Sequence[InputSpec], window: np.ndarray, hints: dict[str, int] | None = None
-           ) -> dict[str, np.ndarray]:
-    """One window as a batch of 1 with a full attention mask, and an empty past for KV-cache exports."""
-    ids = window.reshape(1, -1).astype(np.int64)
-    feeds = {}
-    for spec in inputs:
-        name = spec.name
-        if name == "input_ids":
-            feeds[name] = ids.astype(spec.dtype) if spec.dtype.kind == "i" else ids
-        elif name == "attention_mask":
-            feeds[name] = np.ones_like(ids, dtype=spec.dtype if spec.dtype.kind == "i" else np.int64)
-        elif name == "position_ids":
-            feeds[name] = np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1)
-        elif _is_cache(spec):
-            feeds[name] = empty_cache(spec, hints or {})
-        else:
-            raise InputError(
-                f"model input '{name}' is not input_ids / attention_mask / position_ids or a past key/value; "
-                "eval cannot feed it"
-            )
-    return feeds
-
-
 # ------------------------------------------------------------------------------------------ perplexity
 
 
@@ -252,28 +182,6 @@ def residual_points(analysis: Analysis) -> list[str]:
     return points
 
 
-def lm_head_nodes(analysis: Analysis) -> list[str]:
-    """Names of the lm_head linears (readers of the final norm)."""
-    roles = analysis.roles
-    return [entry.linear.node.name for entry in roles.final.readers] if roles.final is not None else []
-
-
-def online_nodes(model: onnx.ModelProto) -> list[str]:
-    return [n.name for n in model.graph.node if n.name.startswith(ONLINE_PREFIX)]
-
-
-def name_nodes(model: onnx.ModelProto) -> None:
-    """Give unnamed nodes a name: the quantizers select and exclude nodes by name."""
-    taken = {n.name for n in model.graph.node if n.name}
-    for number, node in enumerate(model.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{number}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
-
-
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """Expose intermediate tensors as graph outputs (type float; shape left to the runtime)."""
     present = {o.name for o in model.graph.output}
@@ -281,17 +189,6 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
         if name not in present:
             model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     return model
-
-
-def _load_full(path: Path) -> onnx.ModelProto:
-    load_model(path)  # one-line errors for a missing or corrupt file
-    model = onnx.load(str(path), load_external_data=True)
-    name_nodes(model)
-    return model
-
-
-def _too_big(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() > PROTOBUF_LIMIT
 
 
 @contextlib.contextmanager
@@ -328,74 +225,6 @@ def _session(model: onnx.ModelProto | Path, providers: list[str] | None, referen
             raise InputError(f"onnxruntime cannot load or run the model: {exc}") from exc
 
 
-@contextlib.contextmanager
-def _quiet_quantizers() -> Iterator[None]:
-    """onnxruntime.quantization logs every node at INFO (it configures the root logger on import)."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-# ------------------------------------------------------------------------------------------ quantizers
-
-
-class _Reader:
-    """onnxruntime CalibrationDataReader over fixed windows."""
-
-    def __init__(self, windows: np.ndarray, inputs: Sequence[InputSpec], hints: dict[str, int]) -> None:
-        self._feeds = iter([_feeds(inputs, w, hints) for w in windows])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._feeds, None)
-
-
-def quantize_w8a8(
-    source: Path, target: Path, calibration: np.ndarray, exclude: Sequence[str], hints: dict[str, int] | None = None
-) -> Path:
-    """Static W8A8 QDQ on linears (MatMul with a constant weight): int8 per-channel weights, uint8 activations."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    model = _load_full(source)
-    with _quiet_quantizers():
-        quantize_static(
-            model,
-            str(target),
-            _Reader(calibration, model_inputs(model), hints or {}),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul"],
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(exclude),
-            use_external_data_format=_too_big(model),
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"MatMulConstBOnly": True},
-        )
-    return target
-
-
-def quantize_w4(source: Path, target: Path, block_size: int, exclude: Sequence[str]) -> Path:
-    """Weight-only int4 (MatMulNBits), symmetric round-to-nearest per block of ``block_size`` inputs."""
-    with _quiet_quantizers():
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            MatMulNBitsQuantizer,
-        )
-
-        model = _load_full(source)
-        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True)
-        quantizer = MatMulNBitsQuantizer(
-            model, block_size=block_size, is_symmetric=True, nodes_to_exclude=list(exclude), algo_config=config
-        )
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(target), use_external_data_format=_too_big(quantizer.model.model))
-    return target
-
-
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -415,9 +244,7 @@ def evaluate_model(
     _check_vocab(graph, path, tokens[: scored.size + calibration.size])
     name_nodes(graph)
     analysis = functools.cache(lambda: analyze(graph, path.parent))  # matched once, only if a row needs it
-    keep_float = online_nodes(graph)
-    if not config.quantize_lm_head:
-        keep_float += lm_head_nodes(analysis())
+    keep_float = excluded_nodes(graph, None if config.quantize_lm_head else analysis(), config.quantize_lm_head)
     hints = cache_hints(graph, analysis)
     with tempfile.TemporaryDirectory(prefix="spinquant_eval_") as tmp:
         for row in config.rows:
@@ -433,22 +260,6 @@ def evaluate_model(
             result.timings[row] = round(time.perf_counter() - started, 2)
             say(f"[{label}] {ROW_LABELS[row]}: perplexity {result.perplexity[row]:.3f}")
     return result
-
-
-def cache_hints(graph: onnx.ModelProto, analysis: Callable[[], Analysis]) -> dict[str, int]:
-    """Sizes of KV-cache dims their names do not explain (genai's ``kv_cache_dim``), from the head geometry."""
-    named = {
-        dim
-        for spec in model_inputs(graph)
-        if _is_cache(spec)
-        for dim in spec.dims
-        if isinstance(dim, str) and "past" not in dim.lower() and "batch" not in dim.lower()
-    }
-    if not named:
-        return {}
-    from spinquant_onnx.core.pipeline import input_dim_hints
-
-    return input_dim_hints(analysis())
 
 
 def _check_vocab(graph: onnx.ModelProto, path: Path, used: np.ndarray) -> None:

@@ -23,6 +23,7 @@ from spinquant_onnx.graph.ops import (
     SHAPE_CARRY_OPS,
     TRANSPARENT_OPS,
 )
+from spinquant_onnx.graph.probe import shape_of
 from spinquant_onnx.match.linears import Linear
 from spinquant_onnx.match.norms import NormMatch, find_norms
 from spinquant_onnx.match.roles import Roles, SubBlock
@@ -34,16 +35,25 @@ SEARCH_LIMIT = 40
 class HeadGeometry:
     num_heads: int
     num_kv_heads: int
-    head_dim: int
+    head_dim: int  # of queries and keys (R3)
     evidence: list[str] = field(default_factory=list)
+    value_head_dim: int | None = None  # of values and o_proj's input when it differs (MLA), else head_dim
+
+    @property
+    def v_head_dim(self) -> int:
+        """The head size R2 turns: V's and o_proj's (DeepSeek's MLA has q/k heads of another size)."""
+        return self.value_head_dim or self.head_dim
 
     def describe(self) -> dict[str, object]:
-        return {
+        found: dict[str, object] = {
             "num_heads": self.num_heads,
             "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "evidence": self.evidence,
         }
+        if self.value_head_dim is not None:
+            found["v_head_dim"] = self.value_head_dim
+        return found
 
 
 @dataclass
@@ -419,6 +429,10 @@ def _reshape_evidence(index: GraphIndex, proj: Projection, ev: _Evidence, count_
     elif last == -1 and before is not None and before > 0 and proj.width % before == 0:
         ev.add(count_kind, label, before)
         ev.add("head_dim", label, proj.width // before)
+    probed = shape_of(index, reshape.output[0])  # the shape it really produced (graph/probe.py)
+    if probed is not None and len(probed) >= 3 and probed[-1] * probed[-2] == proj.width:
+        ev.add("head_dim", f"{label}, probed shape {list(probed)}", probed[-1])
+        ev.add(count_kind, f"{label}, probed shape {list(probed)}", probed[-2])
     return reshape.output[0]
 
 
@@ -565,6 +579,34 @@ def _packed_projections(projections: dict[str, Projection], geometry: HeadGeomet
         projections[role] = Projection(role, packed.linear, packed.tensor, a, b)
 
 
+# Ops between MLA's down-projection and its up-projection: the latent RMSNorm and the rope/nope Split.
+LATENT_NORM_OPS = frozenset(
+    {"Cast", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Reciprocal", "Mul", "Split", "Slice", "Identity"}
+)
+
+
+def _in_latent_norm(node: onnx.NodeProto) -> bool:
+    return node.op_type in LATENT_NORM_OPS
+
+
+def refuse_latent_attention(index: GraphIndex, part: SubBlock, where: str) -> None:
+    """Refuse multi-head latent attention: a reader whose output feeds another projection before attention.
+
+    DeepSeek-V2/V3's MLA makes q from ``q_b(norm(q_a(x)))`` and k_nope and v from ``kv_b(norm(kv_a(x)))``,
+    with q/k heads of qk_nope + qk_rope entries and v heads of v_head_dim: v's columns live inside kv_b,
+    which reads no residual stream, and neither R2's nor R3's proof covers that layout.
+    """
+    for entry in part.readers:
+        for node, _, _ in index.walk_forward(entry.linear.output, limit=24, follow=_in_latent_norm):
+            if node.op_type in ("MatMul", "Gemm") and index.is_initializer(index.see_through_back(node.input[1])):
+                raise UnsupportedGraphError(
+                    f"{where}: multi-head latent attention (MLA, as in DeepSeek-V3): {entry.linear.label} feeds "
+                    f"another projection {node_label(node)} before attention, so q/k heads and v heads differ in "
+                    "size and v is made inside that second projection; R2 and R3 are not supported on MLA "
+                    "(R1 and R4 are exact): drop --r2/--r3"
+                )
+
+
 def attention_sites(index: GraphIndex, roles: Roles) -> list[AttentionSite]:
     """Every attention sub-block with its q/k/v/o and head geometry, in layer order."""
     norms_by_input: dict[str, NormMatch] = {}
@@ -580,6 +622,7 @@ def attention_sites(index: GraphIndex, roles: Roles) -> list[AttentionSite]:
             where = f"attention block {block.number}"
             if part.writer is None:
                 raise UnsupportedGraphError(f"{where}: no o_proj writer found")
+            refuse_latent_attention(index, part, where)
             projections = _projections(index, part)
             geometry, fused = head_geometry(index, part, projections, part.writer.linear, norms_by_input, where)
             if "qkv" in projections and fused is not None:

@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from spinquant_onnx.graph.index import GraphIndex, Use
+from spinquant_onnx.rewrite.online import ONLINE_PREFIX
 from spinquant_onnx.rotation.hadamard import base_matrix, decompose, sylvester
 
 METHODS = ("matmul", "kron", "butterfly")
@@ -226,7 +227,7 @@ def insert_online_hadamard(
             source,
             n,
             elem_type,
-            prefix=_fresh(f"spinquant/online/{stem}", taken),
+            prefix=_fresh(f"{ONLINE_PREFIX}{stem}", taken),
             opset=model_opset(index.model),
             method=method,
             out=tensor,
@@ -241,7 +242,7 @@ def insert_online_hadamard(
             tensor,
             n,
             elem_type,
-            prefix=_fresh(f"spinquant/online/{stem}", taken),
+            prefix=_fresh(f"{ONLINE_PREFIX}{stem}", taken),
             opset=model_opset(index.model),
             method=method,
             out=_fresh(f"{tensor}.hadamard", taken),

@@ -8,6 +8,7 @@ x's producer so the graph stays topologically sorted; every former reader of x r
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,29 @@ from onnx import helper
 
 from spinquant_onnx.graph.index import GraphIndex
 from spinquant_onnx.rotation.kinds import Rotation
+
+# Every node a rewrite inserts to rotate at run time is named under this prefix (R1 online, R3, R4), so a
+# quantizer can find and exclude them (``keep_float``); the model's rotation record lists them too.
+ONLINE_PREFIX = "spinquant/online/"
+# The rotation record's entry listing them (core/metadata.py writes it, as JSON).
+ONLINE_NODES_KEY = "spinquant_onnx.online_nodes"
+
+
+def online_node_names(model: onnx.ModelProto) -> list[str]:
+    """The online rotation nodes of a rotated model: from its rotation record, else by the prefix.
+
+    The one place the list comes from (``keep_float``, the AIMET helper, ``quantize``, ``eval``).
+    """
+    present = {node.name for node in model.graph.node}
+    for prop in model.metadata_props:
+        if prop.key == ONLINE_NODES_KEY:
+            try:
+                listed = json.loads(prop.value)
+            except ValueError:
+                break
+            if isinstance(listed, list):
+                return [name for name in listed if name in present]
+    return [node.name for node in model.graph.node if node.name.startswith(ONLINE_PREFIX)]
 
 
 @dataclass
@@ -56,7 +80,7 @@ def insert_online_rotation(
     matrix_name = _unique(index, f"spinquant.online.{stem}.R{'T' if transpose else ''}", taken)
     output = _unique(index, f"{tensor}.rotated", taken)
     node = helper.make_node(
-        "MatMul", [tensor, matrix_name], [output], name=_unique(index, f"spinquant/online/{stem}", taken)
+        "MatMul", [tensor, matrix_name], [output], name=_unique(index, f"{ONLINE_PREFIX}{stem}", taken)
     )
     dense = rotation.matrix().T if transpose else rotation.matrix()
     values = dense.astype(helper.tensor_dtype_to_np_dtype(elem_type))

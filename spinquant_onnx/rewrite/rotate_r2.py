@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx
 
 from spinquant_onnx.errors import UnsupportedGraphError, UnsupportedSizeError
-from spinquant_onnx.graph.index import GraphIndex, node_label
-from spinquant_onnx.graph.ops import FUSED_ATTENTION, LAYOUT_OPS, SHAPE_ONLY_OPS, TRANSPARENT_OPS
-from spinquant_onnx.match.heads import AttentionSite, op_axes, reshape_last_dim
+from spinquant_onnx.graph.index import GraphIndex, Use, node_label
+from spinquant_onnx.graph.ops import FUSED_ATTENTION, SHAPE_ONLY_OPS
+from spinquant_onnx.graph.probe import shape_of
+from spinquant_onnx.match.head_paths import VALUE_RULES, Step, last_axis, next_axis
+from spinquant_onnx.match.heads import AttentionSite, tensor_rank
 from spinquant_onnx.rewrite.base import PassContext, register
 from spinquant_onnx.rewrite.plan import TensorPlan, rotate
 from spinquant_onnx.rotation.kinds import Rotation, make_rotation
@@ -87,46 +88,41 @@ def _from_softmax(index: GraphIndex, tensor: str, hops: int = 6) -> bool:
     return False
 
 
-def _keeps_last_axis(index: GraphIndex, node: onnx.NodeProto, head_dim: int) -> bool:
-    """Whether a layout op keeps head_dim-wide blocks of the last axis intact."""
-    op = node.op_type
-    if op == "Transpose":
-        perm = index.attr(node, "perm")
-        return perm is not None and list(perm)[-1] == len(perm) - 1
-    if op == "Reshape":
-        last = reshape_last_dim(index, node)
-        return last in ("-1", "same") or (isinstance(last, int) and last > 0 and last % head_dim == 0)
-    if op in ("Concat", "Slice", "Squeeze", "Unsqueeze"):
-        axes = op_axes(index, node)
-        if axes is None:
-            return False
-        rank = _rank_of(index, node)
-        return all(a != -1 and (rank is None or a != rank - 1) for a in axes)
-    return op in ("Expand", "Tile")
+LAST = -1  # the head axis is the last one (after a fused attention op, whose output rank need not be known)
 
 
-def _rank_of(index: GraphIndex, node: onnx.NodeProto) -> int | None:
-    """Rank of a node's data (largest known among inputs and output; Unsqueeze counts its output)."""
-    names = [*node.input, *node.output] if node.op_type == "Concat" else [node.input[0], *node.output]
-    ranks = [len(s) for s in (index.static_shape(n) for n in names if n) if s is not None]
-    return max(ranks) if ranks else None
-
-
-def _check_layout(index: GraphIndex, node: onnx.NodeProto, head_dim: int, where: str) -> None:
-    if not _keeps_last_axis(index, node, head_dim):
+def _step(index: GraphIndex, use: Use, axis: int, head_dim: int, where: str) -> int:
+    """The head axis in the node's outputs (``match/head_paths.VALUE_RULES``), or a refusal naming the node."""
+    node = use.node
+    if node.op_type == "MatMul" and (use.index != 1 or not _from_softmax(index, node.input[0])):
         raise UnsupportedGraphError(
-            f"{where}: {node_label(node)} on the value path may split or mix head_dim blocks; "
-            "cannot apply R2 exactly (drop --r2)"
+            f"{where}: {node_label(node)} reads the attention values in a way R2 cannot pass "
+            f"(input {use.index}); drop --r2"
         )
+    moved = next_axis(index, Step(node, use.index, axis), head_dim, VALUE_RULES)
+    if moved is None:
+        known = node.op_type in VALUE_RULES
+        what = "may split or mix head_dim blocks" if known else "reads the attention values in a way R2 cannot pass"
+        raise UnsupportedGraphError(
+            f"{where}: {node_label(node)} on the value path {what} (input {use.index}, "
+            f"shape {shape_of(index, node.input[use.index])}, head_dim {head_dim}); cannot apply R2 exactly "
+            "(drop --r2)"
+        )
+    return moved
 
 
 def value_path(index: GraphIndex, site: AttentionSite) -> list[str]:
-    """Walk from v to o's input and refuse anything that looks inside a head; returns graph outputs reached."""
+    """Walk from v to o's input proving each op keeps head_dim blocks; returns the graph outputs reached."""
     where = f"R2, attention block {site.block}"
-    head_dim, v, o = site.geometry.head_dim, site.v, site.o
-    frontier, seen, outputs, reached = [v.tensor], set(), [], False
+    head_dim, v, o = site.geometry.v_head_dim, site.v, site.o
+    start = last_axis(index, v.tensor)  # probed; else the rank the graph states (a fused op needs no more)
+    if start is None and tensor_rank(index, v.tensor) is not None:
+        start = tensor_rank(index, v.tensor) - 1
+    if start is None:
+        raise UnsupportedGraphError(f"{where}: the shape of the values '{v.tensor}' is unknown (onnxruntime probe)")
+    frontier, seen, outputs, reached = [(v.tensor, start)], set(), [], False
     while frontier:
-        name = frontier.pop()
+        name, axis = frontier.pop()
         if name in seen:
             continue
         seen.add(name)
@@ -137,22 +133,16 @@ def value_path(index: GraphIndex, site: AttentionSite) -> list[str]:
             if node.op_type in SHAPE_ONLY_OPS:
                 continue
             if node is o.node and use.index == 0:
+                if axis not in (LAST, last_axis(index, name)):
+                    raise UnsupportedGraphError(f"{where}: the values reach o_proj {o.label} with head_dim not last")
                 reached = True
-            elif node.op_type in TRANSPARENT_OPS:
-                frontier.extend(node.output)
-            elif node.op_type == "MatMul" and use.index == 1 and _from_softmax(index, node.input[0]):
-                frontier.append(node.output[0])
             elif node.op_type in FUSED_ATTENTION and (use.index == 2 or (use.index == 0 and v.start > 0)):
-                frontier.append(node.output[0])
+                frontier.append((node.output[0], LAST))  # the op's output is [.., heads * head_dim]
                 outputs.extend(out for out in node.output[1:] if out in index.graph_outputs)
-            elif node.op_type in LAYOUT_OPS and (use.index == 0 or node.op_type == "Concat"):
-                _check_layout(index, node, head_dim, where)
-                frontier.extend(node.output)
             else:
-                raise UnsupportedGraphError(
-                    f"{where}: {node_label(node)} reads the attention values in a way R2 cannot pass "
-                    f"(input {use.index}); drop --r2"
-                )
+                known = last_axis(index, name) if axis == LAST else axis
+                moved = _step(index, use, LAST if known is None else known, head_dim, where)
+                frontier.extend((out, moved) for out in node.output if out)
     if not reached:
         raise UnsupportedGraphError(f"{where}: the values from {v.linear.label} never reach o_proj {o.label}")
     return sorted(set(outputs))
@@ -179,10 +169,10 @@ def prepare_r2(
         if site.v is None:
             raise UnsupportedGraphError(f"R2, attention block {site.block}: no v projection found")
         geometry = site.geometry
-        r2 = rotation_for(site.block, geometry.head_dim)
-        if r2.n != geometry.head_dim:
+        r2 = rotation_for(site.block, geometry.v_head_dim)
+        if r2.n != geometry.v_head_dim:
             raise UnsupportedGraphError(
-                f"R2 for layer {site.block} is {r2.n}x{r2.n} but the graph's head_dim is {geometry.head_dim}"
+                f"R2 for layer {site.block} is {r2.n}x{r2.n} but the graph's value head_dim is {geometry.v_head_dim}"
             )
         prepared.append(R2Site(site, r2, value_path(index, site)))
     return prepared
@@ -209,7 +199,7 @@ def plan_r2(prepared: list[R2Site], plan: TensorPlan) -> list[dict[str, Any]]:
                 "v": v.linear.label,
                 "v_columns": [v.start, v.stop],
                 "o": o.label,
-                "head_dim": geometry.head_dim,
+                "head_dim": geometry.v_head_dim,
                 "num_heads": geometry.num_heads,
                 "num_kv_heads": geometry.num_kv_heads,
                 "rotation": r2.describe(),

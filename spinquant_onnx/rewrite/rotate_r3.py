@@ -20,9 +20,11 @@ import onnx
 
 from spinquant_onnx.errors import UnsupportedGraphError, UnsupportedSizeError
 from spinquant_onnx.graph.index import GraphIndex, Use, node_label
-from spinquant_onnx.graph.ops import KEY_LAYOUT_OPS, SCALAR_OPS, SCORE_OPS, SHAPE_ONLY_OPS, TRANSPARENT_OPS
-from spinquant_onnx.graph.shapes import inferred_shape, tensor_elem_type
-from spinquant_onnx.match.heads import AttentionSite, op_axes, reshape_last_dim
+from spinquant_onnx.graph.ops import SCORE_OPS, SHAPE_ONLY_OPS
+from spinquant_onnx.graph.probe import shape_of
+from spinquant_onnx.graph.shapes import tensor_elem_type
+from spinquant_onnx.match.head_paths import RULES, Step, next_axis
+from spinquant_onnx.match.heads import AttentionSite
 from spinquant_onnx.rewrite.base import PassContext, register
 from spinquant_onnx.rewrite.fast_hadamard_nodes import insert_online_hadamard
 from spinquant_onnx.rotation.hadamard import decompose
@@ -67,117 +69,84 @@ def score_matmul(index: GraphIndex, tensor: str, where: str) -> tuple[onnx.NodeP
     return found[0]
 
 
-def _scalar_operand(index: GraphIndex, node: onnx.NodeProto, slot: int) -> bool:
-    other = node.input[1 - slot]
-    value = index.constant(other)
-    return value is not None and value.size == 1
+def downstream(index: GraphIndex, tensor: str, limit: int = 400) -> set[str]:
+    """Tensors computed from ``tensor`` (bounded): tells the fresh keys from the cache in a Concat."""
+    found, frontier = {tensor}, [tensor]
+    while frontier and len(found) < limit:
+        for use in index.users(frontier.pop()):
+            for out in use.node.output:
+                if out and out not in found and use.node.op_type not in SHAPE_ONLY_OPS:
+                    found.add(out)
+                    frontier.append(out)
+    return found
 
 
-def _input_rank(index: GraphIndex, node: onnx.NodeProto, rank: int | None) -> int | None:
-    """Rank of a layout op's data input, given its output's rank (None when unknown)."""
-    shape = index.static_shape(node.input[0])
-    if shape is not None:
-        return len(shape)
-    if node.op_type in ("Unsqueeze", "Squeeze") and rank is not None:
-        axes = op_axes(index, node)
-        if axes is not None:
-            return rank - len(axes) if node.op_type == "Unsqueeze" else rank + len(axes)
-    return rank if node.op_type in ("Transpose", "Tile") else None
+def _last_dim(index: GraphIndex, name: str) -> int | None:
+    shape = shape_of(index, name)
+    return shape[-1] if shape else None
 
 
-def _tracked_axis(index: GraphIndex, node: onnx.NodeProto, axis: int, head_dim: int) -> int | None:
-    """Where the tracked output axis (counted from the end) sits in a layout op's input, None if it moves."""
-    if node.op_type == "Transpose":
-        perm = index.attr(node, "perm")
-        return None if perm is None else list(perm)[len(perm) + axis] - len(perm)
-    if axis != -1:
+def _step_back(
+    index: GraphIndex, node: onnx.NodeProto, axis: int, fresh: set[str], head_dim: int
+) -> tuple[str, int] | None:
+    """(input, axis) the keys' head_dim axis came from through ``node``, or None where the keys are made.
+
+    A step back is taken only where the forward rule (``RULES``) maps that input axis onto the tracked one
+    and the input axis is exactly one head (so the walk stops at the head split, at the rotary Add, at a
+    per-channel scale such as k_norm's gamma, and at a Concat along head_dim such as Phi3's partial rotary).
+    """
+    if node.op_type not in RULES:
         return None
-    if node.op_type == "Reshape":
-        last = reshape_last_dim(index, node)
-        return -1 if last == "same" or (isinstance(last, int) and last == head_dim) else None
-    if node.op_type in ("Unsqueeze", "Squeeze"):
-        axes = op_axes(index, node)
-        return -1 if axes is not None and -1 not in axes else None
-    return -1 if node.op_type in ("Expand", "Tile") else None
+    ours = [(slot, name) for slot, name in enumerate(node.input) if name in fresh]
+    if len(ours) != 1:
+        return None
+    slot, name = ours[0]
+    shape = shape_of(index, name)
+    if shape is None:
+        return None
+    found = [
+        a
+        for a in range(len(shape))
+        if shape[a] == head_dim and next_axis(index, Step(node, slot, a), head_dim, RULES) == axis
+    ]
+    return (name, found[0]) if len(found) == 1 else None
 
 
-def _concat_axis(index: GraphIndex, node: onnx.NodeProto, rank: int | None) -> int | None:
-    axis = index.attr(node, "axis", 0)
-    if axis < 0:
-        return axis
-    ranks = [len(s) for s in (index.static_shape(i) for i in node.input) if s is not None]
-    rank = ranks[0] if ranks else rank
-    return None if rank is None else axis - rank
-
-
-def key_insertion_point(index: GraphIndex, score: onnx.NodeProto, head_dim: int, where: str) -> tuple[str, list[str]]:
-    """The tensor holding the new keys with head_dim last, and the cache inputs met on the way."""
-    name, axis, rank, caches = score.input[1], -2, None, []
+def key_insertion_point(
+    index: GraphIndex, site: AttentionSite, score: onnx.NodeProto, head_dim: int, where: str
+) -> str:
+    """The tensor holding the new keys, per head with head_dim last: where the last non-movement op made them."""
+    fresh = downstream(index, site.k.tensor)
+    name = score.input[1]
+    shape = shape_of(index, name)
+    if name not in fresh or shape is None:
+        raise UnsupportedGraphError(f"{where}: the keys of {node_label(score)} do not come from {site.k.linear.label}")
+    axis = len(shape) - 2  # K^T: head_dim is contracted on the second-to-last axis
     for _ in range(SEARCH_LIMIT):
         node = index.producer.get(name)
-        if node is None:
-            raise UnsupportedGraphError(f"{where}: the keys of {node_label(score)} come from graph input '{name}'")
-        op = node.op_type
-        if op in TRANSPARENT_OPS or (op in ("Mul", "Div") and _scalar_operand(index, node, 0)):
-            name = node.input[0]
-            continue
-        if op == "Mul" and _scalar_operand(index, node, 1):
-            name = node.input[1]
-            continue
-        if op == "Concat":
-            fresh = _new_keys_of_concat(index, node, axis, rank, caches, where)
-            if fresh is None:
-                break  # e.g. Phi3's partial rotary puts the rotated and pass-through parts back together
-            name = fresh
-            continue
-        if op in KEY_LAYOUT_OPS:
-            moved = _tracked_axis(index, node, axis, head_dim)
-            if moved is None:
-                raise UnsupportedGraphError(
-                    f"{where}: {node_label(node)} reshapes the keys across head_dim; cannot place R3"
-                )
-            if op == "Reshape" and not _last_dim_is(index, node.input[0], head_dim):
-                # #13: the head-split Reshape ([.., heads * head_dim] -> [.., heads, head_dim]), or one whose
-                # input's last dim is not proven to be head_dim: the keys are per head only from its output
-                # on, so R3 goes there (a head_dim Hadamard before it would mix heads or not even fit).
-                name = node.output[0]
-                break
-            axis, rank = moved, _input_rank(index, node, rank)
-            name = node.input[0]
-            continue
-        break
-    if axis != -1:
-        raise UnsupportedGraphError(f"{where}: the keys reach {node_label(score)} with head_dim not last")
-    return name, caches
+        back = None if node is None else _step_back(index, node, axis, fresh, head_dim)
+        if back is None:
+            break
+        name, axis = back
+    shape = shape_of(index, name)
+    if shape is None or axis != len(shape) - 1 or shape[-1] != head_dim:
+        raise UnsupportedGraphError(
+            f"{where}: the keys '{name}' do not have head_dim {head_dim} last (shape {shape}); cannot place R3"
+        )
+    return name
 
 
-def _new_keys_of_concat(
-    index: GraphIndex, node: onnx.NodeProto, axis: int, rank: int | None, caches: list[str], where: str
-) -> str | None:
-    """The new keys a cache Concat appends (the cache inputs go to ``caches``); None when it joins on ``axis``."""
-    concat_axis = _concat_axis(index, node, rank)
-    if concat_axis is None:
-        raise UnsupportedGraphError(f"{where}: cannot tell which axis {node_label(node)} joins")
-    if concat_axis == axis:
-        return None
-    fresh = [i for i in node.input if index.see_through_back(i) not in index.graph_inputs]
-    caches += [index.see_through_back(i) for i in node.input if i not in fresh]
-    if len(fresh) != 1:
-        raise UnsupportedGraphError(f"{where}: cannot tell the new keys in {node_label(node)}")
-    return fresh[0]
+def check_key_path(
+    index: GraphIndex, tensor: str, score: onnx.NodeProto, head_dim: int, where: str
+) -> tuple[list, list]:
+    """Prove every reader of the rotated keys keeps head_dim blocks and ends at the score MatMul's K^T.
 
-
-def _last_dim_is(index: GraphIndex, name: str, size: int) -> bool:
-    """Whether ``name``'s last dim is provably ``size`` (declared or inferred shape); unknown is False."""
-    shape = inferred_shape(index, name)
-    return bool(shape) and shape[-1] == size
-
-
-def _check_key_readers(index: GraphIndex, tensor: str, score: onnx.NodeProto, where: str) -> list[str]:
-    """Every reader of the rotated keys must lead to the score MatMul's keys or to graph outputs."""
-    frontier, seen, outputs = [tensor], set(), []
+    Returns (graph outputs reached, cache tensors joined on the way). Refuses naming the first op that
+    is not proven block-preserving (``match/head_paths.RULES``).
+    """
+    frontier, seen, outputs, caches, reached = [(tensor, len(shape_of(index, tensor)) - 1)], set(), [], [], False
     while frontier:
-        name = frontier.pop()
+        name, axis = frontier.pop()
         if name in seen:
             continue
         seen.add(name)
@@ -185,15 +154,27 @@ def _check_key_readers(index: GraphIndex, tensor: str, score: onnx.NodeProto, wh
             outputs.append(name)
         for use in index.users(name):
             node = use.node
-            if node.op_type in SHAPE_ONLY_OPS or (node is score and use.index == 1):
+            if node.op_type in SHAPE_ONLY_OPS:
                 continue
-            if node.op_type in KEY_LAYOUT_OPS or node.op_type in TRANSPARENT_OPS or node.op_type in SCALAR_OPS:
-                frontier.extend(node.output)
+            if node is score and use.index == 1:
+                if axis != len(shape_of(index, name)) - 2:
+                    raise UnsupportedGraphError(
+                        f"{where}: the keys reach {node_label(score)} with head_dim not contracted"
+                    )
+                reached = True
                 continue
-            raise UnsupportedGraphError(
-                f"{where}: the keys after the rotary embedding are also read by {node_label(node)}; cannot place R3"
-            )
-    return outputs
+            moved = next_axis(index, Step(node, use.index, axis), head_dim, RULES)
+            if moved is None:
+                raise UnsupportedGraphError(
+                    f"{where}: the keys after the rotary embedding are also read by {node_label(node)} "
+                    f"({node.op_type}, input {use.index}), which is not proven to keep head_dim blocks; cannot place R3"
+                )
+            if node.op_type == "Concat":
+                caches += [index.see_through_back(i) for i in node.input if i and i != name]
+            frontier.extend((out, moved) for out in node.output if out)
+    if not reached:
+        raise UnsupportedGraphError(f"{where}: the keys from '{tensor}' never reach {node_label(score)}")
+    return sorted(set(outputs)), caches
 
 
 @dataclass
@@ -229,8 +210,13 @@ def prepare_r3(index: GraphIndex, sites: list[AttentionSite]) -> list[R3Site]:
         score, slot = score_matmul(index, site.q.tensor, where)
         if slot != 0:
             raise UnsupportedGraphError(f"{where}: queries reach {node_label(score)} as input {slot}, not 0")
-        key_tensor, caches = key_insertion_point(index, score, head_dim, where)
-        outputs = _check_key_readers(index, key_tensor, score, where)
+        if _last_dim(index, score.input[0]) != head_dim:
+            raise UnsupportedGraphError(
+                f"{where}: the queries reach {node_label(score)} with shape {shape_of(index, score.input[0])}, "
+                f"not head_dim {head_dim} last; cannot place R3"
+            )
+        key_tensor = key_insertion_point(index, site, score, head_dim, where)
+        outputs, caches = check_key_path(index, key_tensor, score, head_dim, where)
         prepared.append(
             R3Site(
                 site.block,
@@ -291,7 +277,7 @@ class R3:
         return bool(ctx.options.r3)
 
     def check(self, ctx: PassContext) -> list[R3Site]:
-        return prepare_r3(ctx.analysis.index, ctx.analysis.sites_for("--r3"))
+        return prepare_r3(ctx.analysis.index, ctx.analysis.sites)
 
     def apply(self, ctx: PassContext, checked: list[R3Site]) -> None:
         ctx.done["r3"] = insert_r3(ctx.analysis.index, checked)
