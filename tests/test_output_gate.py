@@ -75,15 +75,11 @@ def test_rotary_free_r3_is_exact_per_head(name: str) -> None:
         assert producers[keys].op_type in ("Reshape", "Gather"), keys  # the head split, not the k projection
 
 
-def test_fused_transpose_gqa_r3_is_refused_and_the_rest_exact() -> None:
-    """repeat_kv on K^T (head_dim not last) leaves no proven place for R3: refused; R1, R2, R4 stay exact."""
-    model = onnx.load(str(EDITS / "rotary_free_fused_transpose_gqa.onnx"))
-    before = model.SerializeToString()
-    with pytest.raises(UnsupportedGraphError, match="R3, attention block 0"):
-        apply_spinquant(model, r3=True)
-    assert model.SerializeToString() == before
-    report = _exact("rotary_free_fused_transpose_gqa.onnx", r2=True, r4=True)
+def test_fused_transpose_gqa_r3_is_exact() -> None:
+    """repeat_kv on K^T (head_dim not last): the probed-shape rules (#14) prove the axis, so R1-R4 are exact."""
+    report = _exact("rotary_free_fused_transpose_gqa.onnx", **ALL)
     assert len(report["rotation"]["r2"]) == 2
+    assert len(report["rotation"]["r3"]) == 2
 
 
 @pytest.mark.parametrize("name", ["fused_qkv_split.onnx", "fused_qkv_packed.onnx"])

@@ -277,7 +277,7 @@ class R3:
         return bool(ctx.options.r3)
 
     def check(self, ctx: PassContext) -> list[R3Site]:
-        return prepare_r3(ctx.analysis.index, ctx.analysis.sites)
+        return prepare_r3(ctx.analysis.index, ctx.analysis.sites_for("--r3"))
 
     def apply(self, ctx: PassContext, checked: list[R3Site]) -> None:
         ctx.done["r3"] = insert_r3(ctx.analysis.index, checked)
