@@ -382,8 +382,11 @@ def child_io_onnx(src: Path, dst: Path) -> None:
 
 def _external(src: Path) -> bool:
     """Whether the input keeps its weights in external data (then every output does too)."""
-    return any(
-        t.data_location == TensorProto.EXTERNAL for t in onnx.load(str(src), load_external_data=False).graph.initializer
+    from spinquant_onnx.io.protowire import reads_own_file
+
+    model = _graph(src)
+    return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer) and not reads_own_file(
+        model, src
     )
 
 
@@ -425,11 +428,19 @@ def model_files(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.glob(path.name + "*") if p.is_file())
 
 
+def _graph(path: Path) -> onnx.ModelProto:
+    """The graph without its weights: parsing an embedded model whole here would grow this process, and
+    every child forked from it starts with its resident size (ru_maxrss would report it)."""
+    from spinquant_onnx.io.model_file import load_model
+
+    return load_model(path, lazy=True)
+
+
 def model_bytes(path: Path) -> int:
     """Initializer bytes: what must be read, rotated and written."""
     from spinquant_onnx.io.model_file import np_dtype
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = _graph(path)
     return sum(int(np.prod(t.dims, dtype=np.int64)) * np_dtype(t.data_type).itemsize for t in model.graph.initializer)
 
 
