@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from spinquant_onnx.errors import SpinQuantError
-from spinquant_onnx.io.model_file import EMBED_LIMIT, storage_nbytes
+from spinquant_onnx.io.model_file import PREFETCH_BYTES, storage_nbytes
 from spinquant_onnx.io.tensor_store import TensorStore
-from spinquant_onnx.rewrite.plan import CHUNK_ELEMENTS, TensorPlan
+from spinquant_onnx.rewrite.plan import CHUNK_ELEMENTS, TensorPlan, workers
 
 SKIP_MEMORY_ENV = "SPINQUANT_SKIP_MEMORY_CHECK"
 # Interpreter, numpy, onnx and onnxruntime themselves (measured about 150 MiB).
@@ -105,23 +104,20 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Peak of the write phase and the validation phase, from sizes alone (nothing is read).
 
-    Writing holds the parsed model and a copy of it (embedded weights included), the largest tensor's
-    output buffer and serialized bytes, and float64 working chunks; an embedded output is serialized whole.
-    Validation runs one onnxruntime session at a time, each holding that model's weights.
+    Writing holds the parsed model and a copy of its graph (embedded weights too, unless read lazily:
+    ``protobuf_bytes`` is what was parsed), the tensor being written and those computed ahead of it (at
+    most the largest tensor, ``io.prefetch``), and one float64 working chunk per worker thread; embedded
+    outputs are streamed field by field, never serialized whole. Validation runs one onnxruntime session
+    at a time, each holding that model's weights.
     """
     sizes = {t.name: storage_nbytes(t.data_type, t.dims) for t in model.graph.initializer}
     total = sum(sizes.values())
     largest = max(sizes, key=sizes.__getitem__, default=None)
     largest_bytes = sizes.get(largest, 0) if largest else 0
     planned = [(name, int(np.prod(store.shape(t.source), dtype=np.int64))) for name, t in plan.targets.items()]
-    work = max((24 * min(count, CHUNK_ELEMENTS) for _, count in planned), default=0)
-    embedded_output = not any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer) and (
-        total <= EMBED_LIMIT
-    )
+    work = workers() * max((24 * min(count, CHUNK_ELEMENTS) for _, count in planned), default=0)
     parts = [("model protobuf and its copy", 2 * protobuf_bytes)]
-    if embedded_output:  # new values live in the copy's arena until it is serialized (measured ~5x file size)
-        parts.append(("embedded output", 3 * total))
-    parts += [(f"largest tensor '{largest}' x2", 2 * largest_bytes), ("float64 work", work)]
+    parts += [(f"largest tensor '{largest}' x2", 2 * max(largest_bytes, PREFETCH_BYTES // 2)), ("float64 work", work)]
     write = sum(size for _, size in parts)
     if validate:
         check = protobuf_bytes + int(ORT_WEIGHT_FACTOR * total)

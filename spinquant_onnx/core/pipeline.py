@@ -25,6 +25,7 @@ from spinquant_onnx.core.options import PRECISIONS, Options
 from spinquant_onnx.core.report import Report, rewritten_tensors
 from spinquant_onnx.errors import InputError, SpinQuantError, ValidationFailedError
 from spinquant_onnx.io.model_file import external_files, load_model, save_model, set_tensor_data, uses_external_data
+from spinquant_onnx.io.protowire import reads_own_file
 from spinquant_onnx.io.staging import Staged, commit_all, discard_output, output_data_name, staging_dir
 from spinquant_onnx.io.tensor_store import TensorStore
 from spinquant_onnx.match.analysis import Analysis, analyze
@@ -214,8 +215,13 @@ def model_output(
     out_path: Path,
     baseline: gate.Baseline,
     progress_label: str | None = None,
+    embedded_input: bool = False,
 ) -> Output:
-    """An ``Output`` that streams ``model`` with the plan's checked values into the staging folder."""
+    """An ``Output`` that streams ``model`` with the plan's checked values into the staging folder.
+
+    External data in gives external data out, unless ``embedded_input`` (a lazily read embedded model,
+    whose "external" tensors live in the .onnx itself): then the output is embedded too while it fits.
+    """
 
     def write(staging: Path) -> list[Path]:
         label = progress_label or f"rotating {out_path.name}"
@@ -224,7 +230,7 @@ def model_output(
                 model,
                 staging / out_path.name,
                 checks.checked_values(plan, store),
-                external=True if uses_external_data(model) else None,
+                external=True if uses_external_data(model) and not embedded_input else None,
                 data_name=output_data_name(out_path),
                 progress=progress,
             )
@@ -276,7 +282,8 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
     check_load_memory(in_path)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    model = load_model(in_path)
+    model = load_model(in_path, lazy=True)
+    embedded = reads_own_file(model, in_path)
     metadata.refuse_rotated(model, str(in_path), opts.force)  # #13: never rotate a rotated model silently
     input_files = {in_path.resolve(), *external_files(model, in_path.parent)}
     checks.check_output_path(in_path, out_path, input_files - {in_path.resolve()}, in_place=opts.in_place)
@@ -286,7 +293,8 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
         opts.validate = True  # a hand-edited map may assert what the graph does not do: check the result
     plan, report, _ = plan_model(analysis, opts)
     metadata.stamp(model, report.to_dict())  # #13: record what was done in metadata_props
-    checks.preflight(model, analysis.store, plan, in_path.stat().st_size, validate=opts.validate)
+    protobuf_bytes = model.ByteSize() if embedded else in_path.stat().st_size
+    checks.preflight(model, analysis.store, plan, protobuf_bytes, validate=opts.validate, embedded=embedded)
     timings["analyze"] = round(time.perf_counter() - started, 4)
     mark = time.perf_counter()
 
@@ -296,7 +304,7 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, **options: 
             report.validation = _validate(in_path, staged[out_path][0], analysis, opts, timings)
 
     write_outputs(
-        [model_output(model, analysis.store, plan, out_path, baseline, f"rotating {in_path.name}")],
+        [model_output(model, analysis.store, plan, out_path, baseline, f"rotating {in_path.name}", embedded)],
         protect=() if opts.in_place else input_files,
         validate=validate,
     )

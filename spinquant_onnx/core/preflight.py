@@ -152,11 +152,15 @@ def checked_values(plan: TensorPlan, store: TensorStore) -> TensorSource:
         target = plan.targets.get(name)
         if target is None:
             return plan.materialize(store, name)
+        flags: list[bool] = []
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, with the tensor's name
+            result = plan.materialize(store, name, flags)
+        if flags and all(flags):  # chunked: source and result were checked chunk by chunk, all finite
+            checked.add(target.source)
+            return result
         if target.source not in checked:
             require_finite(store.array(target.source), target.source, target.role)
             checked.add(target.source)
-        with np.errstate(over="ignore"):  # an overflow is reported below, with the tensor's name
-            result = plan.materialize(store, name)
         found = first_non_finite(result)
         if found is not None:
             kind = type_name(store.tensors[target.source].data_type)
@@ -170,12 +174,18 @@ def checked_values(plan: TensorPlan, store: TensorStore) -> TensorSource:
 
 
 def preflight(
-    model: onnx.ModelProto, store: TensorStore, plan: TensorPlan, protobuf_bytes: int, *, validate: bool
+    model: onnx.ModelProto,
+    store: TensorStore,
+    plan: TensorPlan,
+    protobuf_bytes: int,
+    *,
+    validate: bool,
+    embedded: bool = False,
 ) -> None:
     """All checks that need no weight bytes, then NaN/Inf in the small tensors folded into others."""
     check_plan(model, store, plan)
     hints = "run without --validate, " if validate else ""
-    if not any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer):
+    if not embedded and not any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer):
         hints += "save the model with external data so weights are streamed from disk, "
     check_memory(estimate_memory(model, store, plan, protobuf_bytes, validate=validate), hints=hints)
     check_small_sources_finite(store, plan)

@@ -11,36 +11,34 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from spinquant_onnx.errors import InputError, SpinQuantError
+from spinquant_onnx.io.prefetch import Prefetcher
+from spinquant_onnx.io.protowire import WireError, lazy_load, write_embedded
+from spinquant_onnx.io.tensor_data import (  # noqa: F401 - re-exported: callers import them from here
+    SUB_BYTE_BITS,
+    np_dtype,
+    raw_bytes,
+    set_tensor_data,
+    storage_nbytes,
+    type_name,
+)
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Leave headroom for the graph itself when deciding whether weights fit inside one protobuf.
 EMBED_LIMIT = 1_800_000_000
 ALIGN = 64
 INLINE_BYTES = 1024
+# Results computed ahead of the writer may hold this much (or the largest tensor, if that is more).
+PREFETCH_BYTES = 256 << 20
 # More elements than any real tensor: guards the size arithmetic against hostile dims.
 MAX_ELEMENTS = 1 << 48
-# Element types stored several to a byte (raw data is packed; numpy_helper packs and unpacks them).
-SUB_BYTE_BITS = {
-    getattr(TensorProto, name): bits
-    for name, bits in (
-        ("INT4", 4),
-        ("UINT4", 4),
-        ("FLOAT4E2M1", 4),
-        ("INT2", 2),
-        ("UINT2", 2),
-        ("FLOAT6E2M3", 6),
-        ("FLOAT6E3M2", 6),
-    )
-    if hasattr(TensorProto, name)
-}
 
 
 def one_line(text: object) -> str:
@@ -48,35 +46,14 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def np_dtype(elem_type: int) -> np.dtype:
-    """numpy dtype of an ONNX element type (bfloat16 through ml_dtypes)."""
-    try:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise InputError(f"unsupported tensor element type {elem_type}") from exc
-
-
-def type_name(elem_type: int) -> str:
-    try:
-        return TensorProto.DataType.Name(elem_type).lower()
-    except ValueError:
-        return f"type {elem_type}"
-
-
-def storage_nbytes(elem_type: int, shape: Iterable[int]) -> int:
-    """Bytes a tensor of this type and shape takes in raw_data / external data (sub-byte types packed)."""
-    count = int(np.prod(list(shape), dtype=np.int64))
-    bits = SUB_BYTE_BITS.get(elem_type)
-    if bits is not None:
-        return (count * bits + 7) // 8
-    return count * np_dtype(elem_type).itemsize
-
-
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike, *, lazy: bool = False) -> onnx.ModelProto:
     """Parse the graph only (weights stay on disk) and check it is a whole, well-formed model.
+
+    ``lazy`` leaves an embedded model's large payloads in the file too (``io.protowire``): they appear as
+    external data pointing into the .onnx itself (``protowire.reads_own_file``), read like any other.
 
     Checks what a later step would otherwise trip over mid-write: a graph that is not topologically
     sorted or reads a tensor nothing produces (truncated or edited files), initializers whose bytes do not
@@ -100,7 +77,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
             "a model this large must keep its weights in external data files"
         )
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = _parse(path, lazy)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({one_line(exc.strerror or exc)})") from exc
     except Exception as exc:  # protobuf and onnx raise several unrelated types for malformed files
@@ -108,6 +85,15 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     check_model_structure(model, path)
     check_initializers(model, path.parent)
     return model
+
+
+def _parse(path: Path, lazy: bool) -> onnx.ModelProto:
+    if lazy:
+        try:
+            return lazy_load(path)
+        except (WireError, Exception):  # noqa: BLE001 - odd layout or corrupt: onnx's parser then says which
+            pass
+    return onnx.load(str(path), load_external_data=False)
 
 
 def _data_file_message(path: Path) -> str:
@@ -312,26 +298,6 @@ def external_files(model: onnx.ModelProto, base_dir: Path) -> set[Path]:
     return {resolve_location(t, base_dir) for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
 
 
-def set_tensor_data(tensor: TensorProto, values: np.ndarray) -> None:
-    """Replace a TensorProto's values in place, keeping its name and element type."""
-    dtype = np_dtype(tensor.data_type)
-    # np.asarray, not np.ascontiguousarray: the latter turns a 0-d scalar into shape (1,).
-    values = np.asarray(values, dtype=dtype, order="C") if dtype.kind != "O" else np.asarray(values)
-    name = tensor.name
-    new = numpy_helper.from_array(values, name)
-    new.data_type = tensor.data_type
-    tensor.Clear()
-    tensor.CopyFrom(new)
-    tensor.name = name
-
-
-def _raw_bytes(values: np.ndarray, elem_type: int) -> bytes | memoryview:
-    values = np.ascontiguousarray(values, dtype=np_dtype(elem_type))
-    if elem_type in SUB_BYTE_BITS:
-        return numpy_helper.from_array(values).raw_data  # packs two (or four) values per byte
-    return memoryview(values).cast("B")  # written as is: no bytes copy of a tensor that may be gigabytes
-
-
 # ----------------------------------------------------------------------------------------------- writing
 
 TensorSource = Callable[[str], np.ndarray]
@@ -369,54 +335,65 @@ def _save_model(
     data_name: str,
     progress: Callable[[int], None] | None,
 ) -> list[Path]:
-    total = sum(storage_nbytes(t.data_type, t.dims) for t in model.graph.initializer)
+    sizes = {t.name: storage_nbytes(t.data_type, t.dims) for t in model.graph.initializer}
+    total = sum(sizes.values())
     if external is None:
         external = total > EMBED_LIMIT
-    header = onnx.ModelProto()
-    header.CopyFrom(model)
-    written = [path]
-    if external:
-        written.append(path.parent / data_name)
-        with open(path.parent / data_name, "wb") as data_file:
-            offset = 0
-            for tensor in header.graph.initializer:
-                values = tensor_values(tensor.name)
-                if tensor.data_type == TensorProto.STRING or np.asarray(values).nbytes < INLINE_BYTES:
-                    # Strings have no raw layout, and small tensors (shapes, axes, scalars) stay inline as
-                    # onnx.save does: onnxruntime's shape inference cannot read a Reshape shape from a file.
-                    set_tensor_data(tensor, values)
-                    continue
-                raw = _raw_bytes(values, tensor.data_type)
-                pad = (-offset) % ALIGN
-                if pad:
-                    data_file.write(b"\0" * pad)
-                    offset += pad
-                data_file.write(raw)
-                dims, data_type, name = list(tensor.dims), tensor.data_type, tensor.name
-                tensor.Clear()
-                tensor.name, tensor.data_type = name, data_type
-                tensor.dims.extend(dims)
-                tensor.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
-                offset += len(raw)
-                if progress:
-                    progress(len(raw))
-                del values, raw
-            data_file.flush()
-            os.fsync(data_file.fileno())
-        if offset == 0:  # every tensor was small enough to stay inline: no data file to ship
-            (path.parent / data_name).unlink()
-            written.remove(path.parent / data_name)
-    else:
+    budget = max(PREFETCH_BYTES, max(sizes.values(), default=0))
+    with Prefetcher(tensor_values, [t.name for t in model.graph.initializer], sizes, budget) as values:
+        if external:
+            header = onnx.ModelProto()
+            header.CopyFrom(model)
+            written = [path, *_write_external(header, path.parent / data_name, values, progress)]
+        else:
+            header, written = model, [path]
+        with open(path, "wb") as handle:
+            if external or not write_embedded(model, handle, values, progress):
+                if not external:  # this protobuf runtime does not serialize in field order: the slow way
+                    header = onnx.ModelProto()
+                    header.CopyFrom(model)
+                    for tensor in header.graph.initializer:
+                        set_tensor_data(tensor, values(tensor.name))
+                handle.write(header.SerializeToString())
+            handle.flush()
+            os.fsync(handle.fileno())
+    return written
+
+
+def _write_external(
+    header: onnx.ModelProto, data_path: Path, tensor_values: TensorSource, progress: Callable[[int], None] | None
+) -> list[Path]:
+    """Stream every tensor of 1 KB or more to ``data_path``, pointing ``header``'s initializers at it."""
+    with open(data_path, "wb") as data_file:
+        offset = 0
         for tensor in header.graph.initializer:
             values = tensor_values(tensor.name)
-            set_tensor_data(tensor, values)
+            if tensor.data_type == TensorProto.STRING or np.asarray(values).nbytes < INLINE_BYTES:
+                # Strings have no raw layout, and small tensors (shapes, axes, scalars) stay inline as
+                # onnx.save does: onnxruntime's shape inference cannot read a Reshape shape from a file.
+                set_tensor_data(tensor, values)
+                continue
+            raw = raw_bytes(values, tensor.data_type)
+            pad = (-offset) % ALIGN
+            if pad:
+                data_file.write(b"\0" * pad)
+                offset += pad
+            data_file.write(raw)
+            dims, data_type, name = list(tensor.dims), tensor.data_type, tensor.name
+            tensor.Clear()
+            tensor.name, tensor.data_type = name, data_type
+            tensor.dims.extend(dims)
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(raw)
             if progress:
-                progress(int(getattr(values, "nbytes", 0)))
-    with open(path, "wb") as handle:
-        handle.write(header.SerializeToString())
-        handle.flush()
-        os.fsync(handle.fileno())
-    return written
+                progress(len(raw))
+            del values, raw
+        data_file.flush()
+        os.fsync(data_file.fileno())
+    if offset == 0:  # every tensor was small enough to stay inline: no data file to ship
+        data_path.unlink()
+        return []
+    return [data_path]
