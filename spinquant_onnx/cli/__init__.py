@@ -13,7 +13,7 @@ import threading
 import traceback
 
 from spinquant_onnx.cli import eval as eval_cli
-from spinquant_onnx.cli import inspect, rotate
+from spinquant_onnx.cli import inspect, learn, rotate
 from spinquant_onnx.cli import vlm as vlm_cli
 from spinquant_onnx.cli.common import say
 from spinquant_onnx.errors import SpinQuantError
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_parser(sub)
     eval_cli.add_parser(sub)
     vlm_cli.add_parser(sub)
+    learn.add_parser(sub)
     return parser
 
 
