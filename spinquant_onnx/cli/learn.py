@@ -77,7 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--r4", action=argparse.BooleanOptionalAction, default=True,
                         help="simulate the fixed online R4 before down_proj, as `rotate --r4` deploys (default on)")
     parser.add_argument("--seed", type=int, default=0, help="which windows each step sees (default 0)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--batch", type=int, default=1, help="windows per step (default 1)")
     parser.add_argument("--window-len", type=int, default=256, help="tokens per window (default 256)")
     parser.add_argument("--offset", type=int, default=4096,

@@ -40,7 +40,7 @@ class LearnConfig:
     rotations: tuple[str, ...] = ("r1", "r2")
     r4: bool = True
     seed: int = 0
-    lr: float = 1e-2
+    lr: float = 1e-3
     batch: int = 1
     window_len: int = 256
     offset: int = 4096
