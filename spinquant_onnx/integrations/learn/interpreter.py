@@ -198,6 +198,55 @@ def _trilu(attrs: Attrs, x: torch.Tensor, k=None) -> torch.Tensor:
     return torch.triu(x, diagonal) if attrs.get("upper", 1) else torch.tril(x, diagonal)
 
 
+def _layer_norm(attrs: Attrs, x: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
+    axis = attrs.get("axis", -1) % x.ndim
+    dims = tuple(x.shape[axis:])
+    return torch.nn.functional.layer_norm(x, dims, scale, bias, attrs.get("epsilon", 1e-5))
+
+
+def _topk(attrs: Attrs, x: torch.Tensor, k: torch.Tensor, *, outputs: int) -> list[torch.Tensor]:
+    found = torch.topk(x, int(k.reshape(-1)[0]), dim=attrs.get("axis", -1), largest=bool(attrs.get("largest", 1)),
+                       sorted=bool(attrs.get("sorted", 1)))
+    return [found.values, found.indices.to(torch.int64)]
+
+
+def _one_hot(attrs: Attrs, indices: torch.Tensor, depth: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    size = int(depth.reshape(-1)[0])
+    idx = torch.where(indices < 0, indices + size, indices).to(torch.int64)
+    hot = torch.nn.functional.one_hot(idx, size).movedim(-1, attrs.get("axis", -1))
+    return torch.where(hot.bool(), values[1], values[0])
+
+
+def _positive(index: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.where(index < 0, index + size, index).to(torch.int64)
+
+
+def _gather_elements(attrs: Attrs, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    axis = attrs.get("axis", 0) % x.ndim
+    return torch.gather(x, axis, _positive(indices, x.shape[axis]))
+
+
+def _no_reduction(attrs: Attrs, op: str) -> None:
+    if attrs.get("reduction", b"none") not in (b"none", "none"):
+        raise UnsupportedGraphError(
+            f"{op} with reduction={attrs['reduction']!r} is not supported by the learn interpreter"
+        )
+
+
+def _scatter_elements(attrs: Attrs, x: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+    _no_reduction(attrs, "ScatterElements")
+    axis = attrs.get("axis", 0) % x.ndim
+    return x.scatter(axis, _positive(indices, x.shape[axis]), updates)
+
+
+def _scatter_nd(attrs: Attrs, x: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+    _no_reduction(attrs, "ScatterND")
+    out = x.clone()
+    k = indices.shape[-1]
+    out[tuple(_positive(indices[..., i], x.shape[i]) for i in range(k))] = updates
+    return out
+
+
 def _variadic(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> OpFn:
     def run(attrs: Attrs, *xs: torch.Tensor) -> torch.Tensor:
         out = xs[0]
@@ -273,8 +322,17 @@ OPS: dict[str, OpFn] = {
     "Constant": _constant,
     "ConstantOfShape": _constant_of_shape,
     "Trilu": _trilu,
+    "IsNaN": _unary(torch.isnan),
+    "IsInf": _unary(torch.isinf),
+    "CastLike": lambda attrs, x, like: x.to(like.dtype),
+    "LayerNormalization": _layer_norm,
+    "TopK": _topk,
+    "OneHot": _one_hot,
+    "GatherElements": _gather_elements,
+    "ScatterElements": _scatter_elements,
+    "ScatterND": _scatter_nd,
 }
-_MULTI_OUTPUT = {"Split"}
+_MULTI_OUTPUT = {"Split", "TopK"}
 
 
 def _attrs(node: onnx.NodeProto) -> Attrs:
