@@ -1,0 +1,202 @@
+"""The rotated, fake-quantized model as a torch function of the learned rotations.
+
+Quantizers go where ``eval``'s W8A8 puts them: on both inputs of every MatMul whose weight is an
+initializer, except lm_head and the online rotation nodes (which stay float, as deployed). The rotations
+are parametrized on the orthogonal group: ``R = R0 · cayley(A - A^T)``, so any step of any optimizer
+stays exactly orthogonal and ``A = 0`` is the Hadamard start.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from spinquant_onnx.core.equivalence import infer_vocab_size
+from spinquant_onnx.integrations.evaluate import ONLINE_PREFIX, lm_head_nodes, name_nodes
+from spinquant_onnx.integrations.learn.interpreter import TorchGraph, to_torch
+from spinquant_onnx.integrations.learn.quantizers import Scheme
+from spinquant_onnx.integrations.learn.weights import (
+    LearnedTensor,
+    LearningPlan,
+    Resolver,
+    learned_tensors,
+    plan_learning,
+)
+from spinquant_onnx.io.model_file import load_model
+from spinquant_onnx.match.analysis import analyze
+
+
+def cayley(skew: torch.Tensor) -> torch.Tensor:
+    """(I - S/2)^-1 (I + S/2): orthogonal for every skew-symmetric S, the identity at S = 0."""
+    eye = torch.eye(skew.shape[0], dtype=skew.dtype)
+    return torch.linalg.solve(eye - skew / 2, eye + skew / 2)
+
+
+class Rotations(torch.nn.Module):
+    """The learned matrices: one free parameter A per rotation, R = R0 · cayley(A - A^T)."""
+
+    def __init__(self, starts: dict[str, np.ndarray], learn: set[str]):
+        super().__init__()
+        self.keys = list(starts)
+        self.learn = learn
+        for number, key in enumerate(self.keys):
+            self.register_buffer(f"start{number}", torch.from_numpy(starts[key].astype(np.float64)))
+        self.params = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.zeros(starts[k].shape, dtype=torch.float32)) for k in self.keys]
+        )
+        for key, param in zip(self.keys, self.params, strict=True):
+            param.requires_grad_(key in learn)
+
+    def matrices(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        out = {}
+        for number, (key, param) in enumerate(zip(self.keys, self.params, strict=True)):
+            start = getattr(self, f"start{number}").to(dtype)
+            a = param.to(dtype)
+            out[key] = start @ cayley(a - a.T) if key in self.learn else start
+        return out
+
+    def final(self) -> dict[str, np.ndarray]:
+        """The matrices in float64 (orthogonal to ~1e-15), for the rotation file."""
+        with torch.no_grad():
+            return {key: m.numpy() for key, m in self.matrices(torch.float64).items()}
+
+
+@dataclass
+class _Uses:
+    quantized: set[int]  # id(node) of MatMuls whose inputs are fake-quantized
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]]
+
+
+def _uses(model: onnx.ModelProto, skip: set[str]) -> _Uses:
+    initializers = {t.name for t in model.graph.initializer}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    quantized = set()
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            consumers[name].append((node, slot))
+        if (
+            node.op_type == "MatMul"
+            and node.input[1] in initializers
+            and node.name not in skip
+            and not node.name.startswith(ONLINE_PREFIX)
+        ):
+            quantized.add(id(node))
+    return _Uses(quantized, consumers)
+
+
+class QuantModel:
+    """The model's graph in torch, its weights functions of ``rotations``, quantized by ``scheme``."""
+
+    def __init__(self, path: str | os.PathLike, scheme: Scheme, learn: set[str], r4: bool, seed: int):
+        path = Path(path)
+        model = load_model(path)
+        name_nodes(model)
+        analysis = analyze(model, path.parent)
+        self.scheme = scheme
+        self.learning: LearningPlan = plan_learning(analysis, "r2" in learn, r4, seed)
+        self.layers = sorted(int(k.split(".")[2]) for k in self.learning.starts if k != "R1")
+        self.resolver = Resolver(self.learning.markers)
+        store = analysis.store
+        constants, self.learned = learned_tensors(self.learning, store.array, self.resolver)
+        for tensor in model.graph.initializer:
+            if tensor.name not in constants and tensor.name not in self.learned and tensor.name in store:
+                constants[tensor.name] = to_torch(store.array(tensor.name))
+        keys = {"R1"} if "r1" in learn else set()
+        keys |= {k for k in self.learning.starts if k != "R1"} if "r2" in learn else set()
+        self.rotations = Rotations(self.learning.starts, keys)
+        uses = _uses(model, set(lm_head_nodes(analysis)))
+        self.input_names = [i.name for i in model.graph.input]
+        self.vocab_size = infer_vocab_size(model)
+        self.graph = TorchGraph(model.graph, constants, [model.graph.output[0].name])
+        self.input_hooks: dict[int, list] = defaultdict(list)
+        self.output_hooks: dict[int, list] = {}
+        self.materialized: list[LearnedTensor] = []
+        for tensor in self.learned.values():
+            self._place(tensor, uses)
+        self.quantized = uses.quantized
+
+    def _place(self, tensor: LearnedTensor, uses: _Uses) -> None:
+        """Where a learned tensor's ops run: on gathered rows, on a float linear's input, or on the weight."""
+        readers = uses.consumers.get(tensor.name, [])
+        if len(readers) == 1 and tensor.base.ndim == 2:
+            node, slot = readers[0]
+            if node.op_type == "Gather" and slot == 0 and not node.attribute and tensor.axes() == {1}:
+                self.graph.constants[tensor.name] = tensor.base
+                self.output_hooks[id(node)] = ("rows", tensor)
+                return
+            if node.op_type == "MatMul" and slot == 1 and id(node) not in uses.quantized and tensor.axes() == {0}:
+                self.graph.constants[tensor.name] = tensor.base
+                self.input_hooks[id(node)].append(("input", tensor))
+                return
+        self.materialized.append(tensor)
+
+    def _hooks(self, matrices: dict[str, torch.Tensor], quantize: bool) -> tuple[dict, dict]:
+        resolver, scheme = self.resolver, self.scheme
+
+        def rows(tensor: LearnedTensor):
+            def run(outputs: list) -> list:
+                y = outputs[0]
+                for op in tensor.ops:  # the table's axis 1 is the gathered rows' last axis
+                    y = resolver.rotate(y, -1, op.rotation, op.kind == "rotate_t", matrices)
+                return [y]
+
+            return run
+
+        def inputs(tensors: list[LearnedTensor], quantize: bool):
+            def run(args: list) -> list:
+                x = args[0]
+                for tensor in tensors:
+                    for op in reversed(tensor.ops):
+                        x = resolver.apply_to_input(x, op, matrices)
+                if quantize:
+                    return [scheme.activation(x), scheme.weight(args[1]), *args[2:]]
+                return [x, *args[1:]]
+
+            return run
+
+        input_hooks = {}
+        quantized = self.quantized if quantize else set()
+        for node_id in set(self.input_hooks) | quantized:
+            tensors = [t for _, t in self.input_hooks.get(node_id, [])]
+            input_hooks[node_id] = inputs(tensors, node_id in quantized)
+        output_hooks = {node_id: rows(tensor) for node_id, (_, tensor) in self.output_hooks.items()}
+        return input_hooks, output_hooks
+
+    def weights(self, matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for tensor in self.materialized:
+            value = tensor.base
+            for op in tensor.ops:
+                value = self.resolver.apply(value, op, matrices)
+            out[tensor.name] = value
+        return out
+
+    def feeds(self, windows: np.ndarray) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
+        feeds = {}
+        for name in self.input_names:
+            if name == "input_ids":
+                feeds[name] = ids
+            elif name == "attention_mask":
+                feeds[name] = torch.ones_like(ids)
+            elif name == "position_ids":
+                feeds[name] = torch.arange(ids.shape[1], dtype=torch.int64).expand_as(ids)
+        return feeds
+
+    def logits(self, windows: np.ndarray, quantize: bool = True) -> torch.Tensor:
+        matrices = self.rotations.matrices()
+        input_hooks, output_hooks = self._hooks(matrices, quantize)
+        return self.graph.run(self.feeds(windows), self.weights(matrices), input_hooks, output_hooks)[0]
+
+    def loss(self, windows: np.ndarray, quantize: bool = True) -> torch.Tensor:
+        """Mean next-token cross-entropy over the windows (each row one window)."""
+        logits = self.logits(windows, quantize)
+        targets = torch.from_numpy(np.ascontiguousarray(windows[:, 1:], dtype=np.int64))
+        scores = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+        return torch.nn.functional.cross_entropy(scores, targets.reshape(-1))

@@ -1,0 +1,239 @@
+"""``learn``: optimize R1 (and per-layer R2) on the model's own graph, and write a rotation file.
+
+Each step draws ``batch`` windows of calibration tokens (which ones depends only on the seed and the step
+number, so a resumed run sees what an uninterrupted one would), runs the fake-quantized rotated model,
+and takes one Adam step on the Cayley parameters. A checkpoint (``OUT.ckpt``) is written every
+``save_every`` steps and at the end; ``--resume`` continues from it. The output is an ``.npz`` with
+SpinQuant's keys (``R1``, ``model.layers.N.self_attn.R2``) in float64, which ``rotate --rotation-file``
+checks and applies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spinquant_onnx.errors import InputError
+from spinquant_onnx.integrations.learn.model import QuantModel
+from spinquant_onnx.integrations.learn.quantizers import scheme
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class LearnConfig:
+    """Everything that decides the result (a checkpoint resumes only under the same config, ``steps`` aside)."""
+
+    steps: int = 100
+    bits: str = "w8a8"
+    block: int = 128
+    rotations: tuple[str, ...] = ("r1", "r2")
+    r4: bool = True
+    seed: int = 0
+    lr: float = 1e-3
+    batch: int = 1
+    window_len: int = 256
+    offset: int = 4096
+    save_every: int = 10
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.rotations) - {"r1", "r2"})
+        if unknown or not self.rotations:
+            raise InputError(f"--rotations takes r1 and/or r2, got {','.join(self.rotations) or 'nothing'}")
+        if self.steps < 0 or self.batch < 1 or self.window_len < 2 or self.offset < 0 or self.save_every < 1:
+            raise InputError("--steps >= 0, --batch >= 1, --window-len >= 2, --offset >= 0 and --save-every >= 1")
+        scheme(self.bits, self.block)
+
+
+@dataclass
+class LearnResult:
+    out: str
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    float_loss: float | None = None
+    seconds: float = 0.0
+    threads: int = 1
+    start_kinds: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def training_windows(tokens: np.ndarray, config: LearnConfig) -> np.ndarray:
+    """Windows of ``window_len`` tokens after the first ``offset`` (eval scores the start of the file)."""
+    usable = tokens[config.offset :]
+    count = usable.size // config.window_len
+    if count < 1:
+        raise InputError(
+            f"token array has {tokens.size} ids: after --offset {config.offset} there is not one window of "
+            f"{config.window_len}; pass a longer file or a smaller --offset / --window-len"
+        )
+    return usable[: count * config.window_len].reshape(count, config.window_len)
+
+
+def batch_for(windows: np.ndarray, config: LearnConfig, step: int) -> np.ndarray:
+    """The windows of one step: a function of (seed, step) only, so resuming changes nothing."""
+    rng = np.random.default_rng([config.seed, step])
+    picked = rng.choice(len(windows), size=config.batch, replace=len(windows) < config.batch)
+    return windows[np.sort(picked)]
+
+
+def fingerprint(path: Path) -> str:
+    """Size and a hash of the model file's head: enough to refuse a checkpoint of another model."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 20)
+    return f"{path.stat().st_size}:{hashlib.sha256(head).hexdigest()[:16]}"
+
+
+def _checkpoint_path(out: Path) -> Path:
+    return out.with_name(out.name + ".ckpt")
+
+
+def _save_atomic(save: Callable[[Path], None], target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        save(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_rotations(matrices: dict[str, np.ndarray], out: Path) -> None:
+    """The rotation file, written atomically (``np.savez`` to a hidden name, then renamed)."""
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **matrices)
+
+    _save_atomic(save, out)
+
+
+class Learner:
+    """One learning run: the model, its optimizer, and where it stands."""
+
+    def __init__(self, model_path: str | os.PathLike, tokens: np.ndarray, out: str | os.PathLike,
+                 config: LearnConfig, threads: int | None = None):
+        self.path, self.out, self.config = Path(model_path), Path(out), config
+        if self.out.suffix != ".npz":
+            raise InputError(f"{self.out}: the rotation file must end in .npz")
+        if not self.out.parent.is_dir():
+            raise InputError(f"{self.out.parent}: no such folder for the output")
+        self.threads = threads or os.cpu_count() or 1
+        torch.set_num_threads(self.threads)
+        torch.manual_seed(config.seed)
+        self.windows = training_windows(tokens, config)
+        self.model = QuantModel(self.path, scheme(config.bits, config.block), set(config.rotations), config.r4,
+                                config.seed)
+        self._check_vocab(tokens)
+        params = [p for p in self.model.rotations.params if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=config.lr)
+        self.step = 0
+        self.losses: list[float] = []
+        kept = {k: v for k, v in asdict(config).items() if k not in ("steps", "save_every")}  # may change on resume
+        self.meta = _plain({"model": fingerprint(self.path), "config": kept})
+
+    def _check_vocab(self, tokens: np.ndarray) -> None:
+        vocab = self.model.vocab_size
+        if vocab is not None and int(self.windows.max()) >= vocab:
+            raise InputError(f"token id {int(self.windows.max())} is outside the model's vocabulary of {vocab}")
+
+    # ---------------------------------------------------------------------------------------- checkpoint
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "meta": self.meta,
+            "step": self.step,
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "params": self.model.rotations.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        _save_atomic(lambda tmp: torch.save(state, tmp), _checkpoint_path(self.out))
+
+    def resume(self) -> None:
+        path = _checkpoint_path(self.out)
+        if not path.is_file():
+            raise InputError(f"{path}: no checkpoint to resume from (run without --resume first)")
+        state = torch.load(path, weights_only=True)
+        if state["meta"] != self.meta:
+            raise InputError(
+                f"{path}: checkpoint was made for another model or other options; "
+                "rerun without --resume, or with the same options"
+            )
+        self.model.rotations.load_state_dict(state["params"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.losses = [float(v) for v in state["losses"]]
+
+    # ------------------------------------------------------------------------------------------- run
+
+    def float_loss(self) -> float:
+        """The float model's loss on step 0's windows: the floor a quantized loss is measured against."""
+        with torch.no_grad():
+            return float(self.model.loss(batch_for(self.windows, self.config, 0), quantize=False))
+
+    def train_step(self) -> float:
+        windows = batch_for(self.windows, self.config, self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.model.loss(windows)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise InputError(f"learn: loss became {value} at step {self.step}; lower --lr")
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        self.losses.append(value)
+        return value
+
+    def run(self, log: Log | None = None, progress: bool | None = None) -> LearnResult:
+        started = time.perf_counter()
+        say = log or (lambda _: None)
+        floor = self.float_loss()
+        say(f"learn: {self.path.name}, {self.config.bits}, rotations {','.join(self.config.rotations)}"
+            f"{' + fixed R4' if self.config.r4 else ''}, {len(self.windows)} windows of {self.config.window_len}, "
+            f"{self.threads} threads; float loss {floor:.4f}")
+        bar = _bar(self.config.steps, self.step, progress)
+        try:
+            while self.step < self.config.steps:
+                loss = self.train_step()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    bar.update(1)
+                else:
+                    say(f"step {self.step}/{self.config.steps}: loss {loss:.4f}")
+                if self.step % self.config.save_every == 0:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        self.save_checkpoint()
+        write_rotations(self.model.rotations.final(), self.out)
+        return LearnResult(str(self.out), self.step, list(self.losses), floor,
+                           round(time.perf_counter() - started, 2), self.threads,
+                           dict(self.model.learning.start_kinds))
+
+
+def _plain(value: Any) -> Any:
+    """The metadata as torch.load returns it (tuples come back as lists)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _bar(total: int, done: int, progress: bool | None) -> Any:
+    if progress is False or (progress is None and not sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="learn", unit="step", file=sys.stderr)

@@ -1,0 +1,162 @@
+"""``learn``: the torch interpreter matches ORT; learned rotations are orthogonal and exact; runs resume, repeat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from spinquant_onnx.cli import main  # noqa: E402
+from spinquant_onnx.core.pipeline import convert  # noqa: E402
+from spinquant_onnx.integrations.learn.interpreter import TorchGraph, to_torch  # noqa: E402
+from spinquant_onnx.integrations.learn.model import QuantModel  # noqa: E402
+from spinquant_onnx.integrations.learn.quantizers import scheme  # noqa: E402
+from spinquant_onnx.integrations.learn.train import LearnConfig, Learner  # noqa: E402
+from spinquant_onnx.rotation.learned_file import load_rotation_file  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+OUTLIER = FIXTURES / "llama_outlier_ts.onnx"
+
+
+def _ids(seed: int = 0, shape: tuple[int, int] = (2, 11)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 60, shape)
+
+
+def _ort_logits(path: Path, ids: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["llama_ts", "llama_dynamo", "qwen2_ts", "phi3_dynamo", "llama_tied_dynamo",
+     "families/gemma2_eager_tf5_ts17", "families/olmo2_dy18", "families/granite_ts17", "families/cohere_dy18"],
+)
+def test_interpreter_reproduces_onnxruntime(name: str) -> None:
+    path = FIXTURES / f"{name}.onnx"
+    if not path.is_file():
+        pytest.skip(f"{path.name} not in this checkout")
+    model = onnx.load(str(path))
+    constants = {t.name: to_torch(onnx.numpy_helper.to_array(t)) for t in model.graph.initializer}
+    graph = TorchGraph(model.graph, constants, [model.graph.output[0].name])
+    ids = _ids()
+    with torch.no_grad():
+        feeds = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.ones(ids.shape, dtype=torch.int64)}
+        got = graph.run(feeds)
+    ref = _ort_logits(path, ids)
+    assert _rel(got[0].numpy(), ref) < 1e-5
+    assert (got[0].numpy().argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_interpreter_refuses_unknown_ops_by_name() -> None:
+    model = onnx.load(str(FIXTURES / "llama_ts.onnx"))
+    model.graph.node[0].op_type = "FancyOp"
+    with pytest.raises(Exception, match="FancyOp"):
+        TorchGraph(model.graph, {}, [model.graph.output[0].name])
+
+
+@pytest.mark.parametrize("name", ["llama_outlier_ts", "qwen2_dynamo", "phi3_ts", "llama_tied_dynamo"])
+def test_rotated_float_graph_is_the_same_function(name: str) -> None:
+    """Any rotation, replayed through the plan in torch, leaves the float model's logits unchanged."""
+    path = FIXTURES / f"{name}.onnx"
+    model = QuantModel(path, scheme("w8a8"), {"r1", "r2"}, r4=True, seed=0)
+    with torch.no_grad():
+        for param in model.rotations.params:
+            param.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+        ids = _ids()
+        got = model.logits(ids, quantize=False).numpy()
+        quantized = model.logits(ids).numpy()
+    ref = _ort_logits(path, ids)
+    assert _rel(got, ref) < 1e-5
+    assert 1e-4 < _rel(quantized, ref) < 0.5  # the quantizers are really in the graph, and sane
+
+
+def _tokens(tmp_path: Path, count: int = 4096 + 64) -> Path:
+    path = tmp_path / "tokens.npy"
+    np.save(path, np.random.default_rng(3).integers(0, 64, count).astype(np.int32))
+    return path
+
+
+def _learn(tmp_path: Path, name: str, steps: int, resume: bool = False, seed: int = 0, **extra: str) -> Path:
+    out = tmp_path / name
+    argv = ["learn", str(OUTLIER), "--tokens", str(_tokens(tmp_path)), "--out", str(out), "--steps", str(steps),
+            "--window-len", "32", "--seed", str(seed), "--threads", "1", "--save-every", "1", "--quiet"]
+    for key, value in extra.items():
+        argv += [f"--{key.replace('_', '-')}", value]
+    assert main([*argv, "--resume"] if resume else argv) == 0
+    return out
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_learned_rotations_are_orthogonal_and_rotate_exactly(tmp_path: Path) -> None:
+    out = _learn(tmp_path, "r.npz", steps=3)
+    arrays = _arrays(out)
+    assert set(arrays) == {"R1", "model.layers.0.self_attn.R2", "model.layers.1.self_attn.R2"}
+    for matrix in arrays.values():
+        assert np.abs(matrix @ matrix.T - np.eye(len(matrix))).max() < 1e-12
+    hadamard = _arrays(_learn(tmp_path, "zero.npz", steps=0))["R1"]
+    assert np.abs(arrays["R1"] - hadamard).max() > 1e-6  # it moved from the Hadamard start
+    learned = load_rotation_file(out)
+    assert learned.notes == []  # no re-orthogonalization was needed
+    rotated = tmp_path / "rotated.onnx"
+    report = convert(OUTLIER, rotated, rotation_file=out, r4=True, validate=True)
+    assert report.validation["rel_l2"] < 1e-5
+    ids = _ids(1)
+    assert _rel(_ort_logits(rotated, ids), _ort_logits(OUTLIER, ids)) < 1e-5
+
+
+def test_same_seed_same_file_and_resume_continues(tmp_path: Path) -> None:
+    straight = _arrays(_learn(tmp_path, "a.npz", steps=4))
+    again = _arrays(_learn(tmp_path, "b.npz", steps=4))
+    other = _arrays(_learn(tmp_path, "c.npz", steps=4, seed=1))
+    _learn(tmp_path, "d.npz", steps=2)
+    resumed = _arrays(_learn(tmp_path, "d.npz", steps=4, resume=True))
+    for key in straight:
+        assert np.array_equal(straight[key], again[key])
+        assert np.array_equal(straight[key], resumed[key])
+    assert not np.array_equal(straight["R1"], other["R1"])
+
+
+def test_resume_refuses_other_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _learn(tmp_path, "e.npz", steps=1)
+    argv = ["learn", str(OUTLIER), "--tokens", str(_tokens(tmp_path)), "--out", str(tmp_path / "e.npz"),
+            "--steps", "2", "--window-len", "32", "--lr", "0.5", "--resume", "--quiet"]
+    assert main(argv) == 2
+    assert "other options" in capsys.readouterr().err
+
+
+def test_loss_decreases_on_an_outlier_model(tmp_path: Path) -> None:
+    """One fixed window, several steps: the quantized loss goes down from the Hadamard start."""
+    tokens = _tokens(tmp_path, 4096 + 32)  # exactly one training window
+    config = LearnConfig(steps=8, bits="w4a8", block=32, window_len=32, lr=0.002, save_every=100)
+    learner = Learner(OUTLIER, np.load(tokens).astype(np.int64), tmp_path / "f.npz", config, threads=1)
+    result = learner.run()
+    assert len(result.losses) == 8
+    assert result.losses[-1] < result.losses[0]
+    assert np.mean(result.losses[-3:]) < result.losses[0] - 0.1
+
+
+def test_cli_refuses_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    argv = ["learn", str(OUTLIER), "--tokens", str(_tokens(tmp_path)), "--out", str(tmp_path / "g.npz")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pip install" in err and "torch" in err
+    assert not (tmp_path / "g.npz").exists()
