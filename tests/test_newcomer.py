@@ -61,10 +61,16 @@ def test_readme_quick_start_is_light_then_tests_and_ci_runs_exactly_these() -> N
     assert commands == [first, second]
 
 
+# Packages behind an optional extra: imported only lazily (from inside a function) by the rest of the package.
+OPTIONAL_PACKAGES = {"learn": ROOT / "spinquant_onnx" / "integrations" / "learn"}
+
+
 def _third_party_imports() -> set[str]:
     """Top-level modules the package imports at module level (lazy imports inside functions are optional)."""
     found = set()
     for path in (ROOT / "spinquant_onnx").rglob("*.py"):
+        if any(folder in path.parents for folder in OPTIONAL_PACKAGES.values()):
+            continue
         for node in ast.parse(path.read_text()).body:
             names = []
             if isinstance(node, ast.Import):
@@ -83,6 +89,18 @@ def test_runtime_dependencies_cover_every_module_level_import() -> None:
     missing = {m for m in _third_party_imports() if m.lower() not in provided}
     assert not missing, f"imported on load but not in pyproject dependencies: {missing}"
     assert not {"torch", "aimet_onnx", "matplotlib"} & {d.split("=")[0] for d in provided}
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(OPTIONAL_PACKAGES) <= set(extras)
+
+
+def test_optional_packages_are_imported_lazily() -> None:
+    """Nothing outside an optional package imports it at module level (`pip install .` must not need torch)."""
+    for path in (ROOT / "spinquant_onnx").rglob("*.py"):
+        if any(folder in path.parents for folder in OPTIONAL_PACKAGES.values()):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith("spinquant_onnx.integrations.learn"), path
 
 
 def test_tests_import_this_checkout() -> None:

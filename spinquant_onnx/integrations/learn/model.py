@@ -18,7 +18,6 @@ import onnx
 import torch
 
 from spinquant_onnx.core.equivalence import infer_vocab_size
-from spinquant_onnx.integrations.evaluate import ONLINE_PREFIX, lm_head_nodes, name_nodes
 from spinquant_onnx.integrations.learn.interpreter import TorchGraph, to_torch
 from spinquant_onnx.integrations.learn.quantizers import Scheme
 from spinquant_onnx.integrations.learn.weights import (
@@ -28,8 +27,10 @@ from spinquant_onnx.integrations.learn.weights import (
     learned_tensors,
     plan_learning,
 )
+from spinquant_onnx.integrations.quantize import lm_head_nodes, name_nodes
 from spinquant_onnx.io.model_file import load_model
 from spinquant_onnx.match.analysis import analyze
+from spinquant_onnx.rewrite.online import online_node_names
 
 
 def cayley(skew: torch.Tensor) -> torch.Tensor:
@@ -84,7 +85,6 @@ def _uses(model: onnx.ModelProto, skip: set[str]) -> _Uses:
             node.op_type == "MatMul"
             and node.input[1] in initializers
             and node.name not in skip
-            and not node.name.startswith(ONLINE_PREFIX)
         ):
             quantized.add(id(node))
     return _Uses(quantized, consumers)
@@ -110,7 +110,7 @@ class QuantModel:
         keys = {"R1"} if "r1" in learn else set()
         keys |= {k for k in self.learning.starts if k != "R1"} if "r2" in learn else set()
         self.rotations = Rotations(self.learning.starts, keys)
-        uses = _uses(model, set(lm_head_nodes(analysis)))
+        uses = _uses(model, set(lm_head_nodes(analysis)) | set(online_node_names(model)))
         self.input_names = [i.name for i in model.graph.input]
         self.vocab_size = infer_vocab_size(model)
         self.graph = TorchGraph(model.graph, constants, [model.graph.output[0].name])
