@@ -59,6 +59,10 @@ class GraphIndex:
             self._memo[key] = hit
         return hit[1]
 
+    def refresh(self) -> None:
+        """Re-read the graph in place after a rewrite replaced nodes (holders of this index see the new state)."""
+        self.__init__(self.model, self.store)
+
     def rebuild(self) -> GraphIndex:
         return GraphIndex(self.model, self.store)
 

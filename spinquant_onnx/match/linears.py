@@ -138,3 +138,69 @@ def linear_writing(index: GraphIndex, tensor: str) -> Linear | None:
     if found is not None and found.output == name:
         return found
     return None
+
+
+def _is_last_dim_of(index: GraphIndex, shape_tensor: str, data: str, width: int) -> bool:
+    """True when the last element of a Reshape's target shape is certainly ``width`` (= ``data``'s last dim)."""
+    name = shape_tensor
+    for _ in range(8):
+        value = index.constant(name)
+        if value is not None:
+            return value.size > 0 and int(value.reshape(-1)[-1]) == width
+        node = index.producer.get(name)
+        if node is None:
+            return False
+        if node.op_type == "Concat":
+            name = node.input[-1]
+        elif node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+            name = node.input[0]
+        elif node.op_type in ("Gather", "Slice") and index.producer.get(node.input[0]) is not None:
+            shape = index.producer[node.input[0]]
+            start = index.constant(node.input[1]) if len(node.input) > 1 else None
+            return (
+                shape.op_type == "Shape"
+                and not index.attr(shape, "start", 0)
+                and index.see_through_back(shape.input[0]) == index.see_through_back(data)
+                and start is not None
+                and start.size == 1
+                and int(start.reshape(())) == -1
+            )
+        elif node.op_type == "Shape":
+            return index.see_through_back(node.input[0]) == index.see_through_back(data) and index.attr(
+                node, "start", 0
+            ) == -1
+        else:
+            return False
+    return False
+
+
+def keeps_rows(index: GraphIndex, node: onnx.NodeProto, width: int) -> bool:
+    """A Reshape whose input and output both end in ``width``: it regroups whole rows, so it commutes
+    with any transform of the last axis (GPT-2's Conv1D flattens to [-1, hidden] around its Gemm)."""
+    if node.op_type != "Reshape" or len(node.input) < 2:
+        return False
+    shape = index.static_shape(node.output[0])
+    if shape and shape[-1] == width:
+        return True
+    return _is_last_dim_of(index, node.input[1], node.input[0], width)
+
+
+def row_users(index: GraphIndex, name: str, width: int) -> list[Use]:
+    """``value_users`` of ``name``, looking through row-keeping Reshapes as well."""
+    found = []
+    for use in index.value_users(name):
+        if use.index == 0 and keeps_rows(index, use.node, width):
+            found.extend(row_users(index, use.node.output[0], width))
+        else:
+            found.append(use)
+    return found
+
+
+def behind_rows(index: GraphIndex, tensor: str, width: int) -> str:
+    """``tensor`` looked back through transparent ops and row-keeping Reshapes read by nothing else."""
+    name = index.see_through_back(tensor)
+    node = index.producer.get(name)
+    while node is not None and keeps_rows(index, node, width) and len(index.value_users(node.input[0])) == 1:
+        name = index.see_through_back(node.input[0])
+        node = index.producer.get(name)
+    return name

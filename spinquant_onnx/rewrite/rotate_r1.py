@@ -13,7 +13,7 @@ from spinquant_onnx.graph.shapes import tensor_type
 from spinquant_onnx.match.residual import Stream
 from spinquant_onnx.rewrite.base import PassContext, register
 from spinquant_onnx.rewrite.online import OnlineRotation, insert_online_rotation
-from spinquant_onnx.rewrite.plan import TensorPlan, rotate
+from spinquant_onnx.rewrite.plan import TensorPlan, center, rotate
 from spinquant_onnx.rotation.kinds import Rotation, make_rotation
 
 
@@ -62,17 +62,22 @@ def insert_online_entries(index: GraphIndex, stream: Stream, rotation: Rotation)
 def plan_r1(stream: Stream, rotation: Rotation, plan: TensorPlan) -> int:
     """Add R1's operations to ``plan``; returns how many weight uses were rotated."""
     count = 0
-    if stream.embedding is not None:
-        emb = stream.embedding
-        plan.add(emb.table, emb.table_use, [rotate(emb.hidden_axis, rotation, "R1")], "embedding")
+
+    def write(axis: int) -> list:  # a LayerNorm stream's writers are centred first (rewrite/layernorm.py)
+        return [center(axis, "LayerNorm centring")] * stream.centered + [rotate(axis, rotation, "R1")]
+
+    tables = [stream.embedding] if stream.embedding is not None else []
+    tables += [event.table for event in stream.writers if event.table is not None]
+    for emb in tables:
+        plan.add(emb.table, emb.table_use, write(emb.hidden_axis), "embedding")
         count += 1
     for event in stream.writers:
-        if event.online is not None:
+        if event.online is not None or event.table is not None:
             continue
         writer = event.writer
-        plan.add(writer.weight, writer.weight_use, [rotate(writer.out_axis, rotation, "R1")], "writer")
+        plan.add(writer.weight, writer.weight_use, write(writer.out_axis), "writer")
         if writer.bias is not None:
-            plan.add(writer.bias, writer.bias_use, [rotate(writer.bias_axis, rotation, "R1")], "writer bias")
+            plan.add(writer.bias, writer.bias_use, write(writer.bias_axis), "writer bias")
         count += 1
     for event in stream.norms:
         norm = event.norm
