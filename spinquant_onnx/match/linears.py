@@ -140,6 +140,27 @@ def linear_writing(index: GraphIndex, tensor: str) -> Linear | None:
     return None
 
 
+def _last_dim_is(index: GraphIndex, name: str, data: str, width: int, depth: int = 0) -> bool:
+    """True when ``name``'s last dim is certainly ``width``: ``data`` itself, a declared shape, a table row,
+    or an elementwise op one of whose inputs has it (broadcasting keeps a dim above 1)."""
+    if index.see_through_back(name) == index.see_through_back(data):
+        return True
+    shape = index.static_shape(name)
+    if shape and shape[-1] is not None:
+        return shape[-1] == width
+    node = index.producer.get(name)
+    if node is None or depth > 6 or width <= 1:
+        return False
+    if node.op_type == "Gather" and index.is_initializer(node.input[0]):
+        table = index.store.shape(node.input[0])
+        return len(table) == 2 and table[1] == width and index.attr(node, "axis", 0) == 0
+    if node.op_type in ("Add", "Sub", "Mul", "Div"):
+        return any(_last_dim_is(index, i, data, width, depth + 1) for i in node.input)
+    if node.op_type in ("Cast", "Identity", "LayerNormalization", "Relu", "Neg"):
+        return _last_dim_is(index, node.input[0], data, width, depth + 1)
+    return False
+
+
 def _is_last_dim_of(index: GraphIndex, shape_tensor: str, data: str, width: int) -> bool:
     """True when the last element of a Reshape's target shape is certainly ``width`` (= ``data``'s last dim)."""
     name = shape_tensor
@@ -160,15 +181,13 @@ def _is_last_dim_of(index: GraphIndex, shape_tensor: str, data: str, width: int)
             return (
                 shape.op_type == "Shape"
                 and not index.attr(shape, "start", 0)
-                and index.see_through_back(shape.input[0]) == index.see_through_back(data)
+                and _last_dim_is(index, shape.input[0], data, width)
                 and start is not None
                 and start.size == 1
                 and int(start.reshape(())) == -1
             )
         elif node.op_type == "Shape":
-            return index.see_through_back(node.input[0]) == index.see_through_back(data) and index.attr(
-                node, "start", 0
-            ) == -1
+            return _last_dim_is(index, node.input[0], data, width) and index.attr(node, "start", 0) == -1
         else:
             return False
     return False

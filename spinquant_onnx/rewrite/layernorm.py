@@ -78,8 +78,8 @@ def add_reader_bias(index: GraphIndex, linear: Linear, vector: np.ndarray) -> No
     linear.node.output[0] = raw
     node = helper.make_node("Add", [raw, bias], [output], name=_fresh(index, f"{raw}/add_bias", taken))
     position = list(index.graph.node).index(linear.node) + 1
-    index.graph.node.insert(position, node)
-    linear.bias, linear.bias_use, linear.bias_axis = bias, Use(node, 1), 0
+    index.graph.node.insert(position, node)  # protobuf inserts a copy: refer to the one in the graph
+    linear.bias, linear.bias_use, linear.bias_axis = bias, Use(index.graph.node[position], 1), 0
 
 
 def _opset(index: GraphIndex) -> int:
