@@ -1,4 +1,4 @@
-"""Command line: ``spinquant-onnx rotate IN OUT``, ``inspect IN``, ``eval``, ``rotate-vlm`` (one module each).
+"""Command line: ``spinquant-onnx rotate IN OUT``, ``rotate-parts P1 P2 ...``, ``inspect IN``, ``eval``, ``rotate-vlm`` (one module each).
 
 Every refusal is one line on stderr with exit code 2 (1 when validation fails); ``--debug`` adds the
 traceback. The input is never modified and a failed run leaves no output behind.
@@ -13,7 +13,7 @@ import threading
 import traceback
 
 from spinquant_onnx.cli import eval as eval_cli
-from spinquant_onnx.cli import inspect, rotate
+from spinquant_onnx.cli import inspect, rotate, rotate_parts
 from spinquant_onnx.cli import vlm as vlm_cli
 from spinquant_onnx.cli.common import say
 from spinquant_onnx.errors import SpinQuantError
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     rotate.add_parser(sub)
+    rotate_parts.add_parser(sub)
     inspect.add_parser(sub)
     eval_cli.add_parser(sub)
     vlm_cli.add_parser(sub)
