@@ -1,4 +1,4 @@
-"""Command line: ``spinquant-onnx rotate IN OUT``, ``rotate-parts P1 P2 ...``, ``inspect IN``, ``eval``, ``rotate-vlm`` (one module each).
+"""Command line: ``rotate``, ``rotate-parts``, ``inspect``, ``eval``, ``rotate-vlm`` (one module each).
 
 Every refusal is one line on stderr with exit code 2 (1 when validation fails); ``--debug`` adds the
 traceback. The input is never modified and a failed run leaves no output behind.
