@@ -174,6 +174,9 @@ def trace_stream(index: GraphIndex) -> Stream:
                     events.extend(_write_event(index, other, node, hidden, norm_outputs))
             stream.add(node.output[0])
             continue
+        if _raw_reader(index, node, stream, hidden):
+            _open_raw(index, node.input[0], node, _Walk(stream, hidden, events, seen_norms, norm_outputs))
+            continue
         raise UnsupportedGraphError(
             f"residual stream tensor '{stream_inputs[0]}' is read by node {node_label(node)}, which is not an "
             "RMSNorm, a residual Add or a shape op, so R1 cannot be absorbed exactly"
@@ -204,6 +207,40 @@ def _enter_norm(index: GraphIndex, node: onnx.NodeProto, norm: NormMatch, walk: 
     _open_norm(index, norm, walk.hidden, walk.events, walk.seen_norms)
     if node.op_type in TRANSPARENT_OPS:
         walk.stream.update(node.output[:1])
+
+
+def _raw_reader(index: GraphIndex, node: onnx.NodeProto, stream: set[str], hidden: int) -> bool:
+    """A linear reading the stream itself (post-norm models: Olmo2, Exaone4 have no norm before q/k/v)."""
+    return (
+        node.op_type in LINEAR_OPS
+        and node.input[0] in stream
+        and not any(name in stream for name in node.input[1:])
+        and linear_at(index, node) is not None
+    )
+
+
+def _open_raw(index: GraphIndex, tensor: str, node: onnx.NodeProto, walk: _Walk) -> None:
+    """Every linear reading ``tensor`` directly, as one identity "norm" event (nothing to fuse, R1 on inputs)."""
+    key = hash(("raw", tensor))
+    if key in walk.seen_norms:
+        return
+    walk.seen_norms.add(key)
+    norm = NormMatch(
+        kind="none (linears read the stream directly)",
+        inputs=(tensor,),
+        output=tensor,
+        gamma=None,
+        gamma_use=None,
+        gamma_offset=0.0,
+        nodes=[node],
+        width=walk.hidden,
+    )
+    readers = []
+    for use in index.users(tensor):
+        if use.node.op_type in SHAPE_ONLY_OPS or not _raw_reader(index, use.node, walk.stream, walk.hidden):
+            continue
+        readers.append(_checked_reader(index, norm, use, walk.hidden))
+    walk.events.append(Residual("norm", norm=norm, readers=readers))
 
 
 def _open_norm(
@@ -275,21 +312,22 @@ def _readers_of(index: GraphIndex, norm: NormMatch, hidden: int) -> list[Linear]
         raise UnsupportedGraphError(
             f"norm {norm.label} output reaches graph output '{exit_name}'; its gamma cannot be fused"
         )
-    readers = []
-    for use in row_users(index, norm.output, hidden):
-        found = linear_at(index, use.node) if use.index == 0 and use.node.op_type in LINEAR_OPS else None
-        if found is None:
-            raise UnsupportedGraphError(
-                f"norm {norm.label} output is read by node {node_label(use.node)}, which is not a linear layer "
-                "with a constant weight; its gamma cannot be fused"
-            )
-        if found.in_features != hidden:
-            raise UnsupportedGraphError(
-                f"linear {found.label}: weight '{found.weight}' has {found.in_features} input features, "
-                f"the residual stream has {hidden}"
-            )
-        readers.append(found)
-    return readers
+    return [_checked_reader(index, norm, use, hidden) for use in row_users(index, norm.output, hidden)]
+
+
+def _checked_reader(index: GraphIndex, norm: NormMatch, use: Use, hidden: int) -> Linear:
+    found = linear_at(index, use.node) if use.index == 0 and use.node.op_type in LINEAR_OPS else None
+    if found is None:
+        raise UnsupportedGraphError(
+            f"norm {norm.label} output is read by node {node_label(use.node)}, which is not a linear layer "
+            "with a constant weight; its gamma cannot be fused"
+        )
+    if found.in_features != hidden:
+        raise UnsupportedGraphError(
+            f"linear {found.label}: weight '{found.weight}' has {found.in_features} input features, "
+            f"the residual stream has {hidden}"
+        )
+    return found
 
 
 def _write_event(

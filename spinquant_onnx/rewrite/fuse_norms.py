@@ -24,13 +24,13 @@ def plan_norm_fusion(stream: Stream, store: TensorStore, plan: TensorPlan) -> in
     """Scale every reader's input axis by gamma and set gamma to the identity; returns norms fused."""
     for event in stream.norms:
         norm = event.norm
-        if norm.centered:
-            continue  # LayerNorms: rewrite/layernorm.py
+        if norm.centered or norm.gamma is None:
+            continue  # LayerNorms: rewrite/layernorm.py; linears reading the raw stream: nothing to fuse
         gamma = effective_gamma(store, norm.gamma, norm.gamma_offset)
         for linear in event.readers:
             plan.add(linear.weight, linear.weight_use, [scale(linear.in_axis, gamma, "norm gamma")], "reader")
         plan.add(norm.gamma, norm.gamma_use, [fill(1.0 - norm.gamma_offset, "fused")], "norm")
-    return len(stream.norms)
+    return sum(1 for event in stream.norms if event.norm.gamma is not None or event.norm.centered)
 
 
 @register
