@@ -11,7 +11,9 @@ if TYPE_CHECKING:  # the library loads on use: --help stays fast
     from spinquant_onnx.match.linears import Linear
 
 
-def _shape(analysis: Analysis, name: str) -> str:
+def _shape(analysis: Analysis, name: str | None) -> str:
+    if name is None or name not in analysis.store:  # no gamma (raw-stream readers, Olmo), or a Constant
+        return ""
     return "x".join(str(d) for d in analysis.store.shape(name))
 
 
@@ -34,9 +36,9 @@ def render(analysis: Analysis) -> str:
                 (
                     str(block.number),
                     f"{part.kind} norm",
-                    part.norm.gamma,
+                    part.norm.gamma or "-",
                     _shape(analysis, part.norm.gamma),
-                    part.norm.kind,
+                    part.norm.kind + (f", beta {part.norm.shift}" if part.norm.shift else ""),
                 )
             )
             for entry in part.readers + ([part.writer] if part.writer else []):
@@ -56,7 +58,8 @@ def render(analysis: Analysis) -> str:
                 )
     if roles.final is not None:
         final = roles.final
-        rows.append(("-", "final norm", final.norm.gamma, _shape(analysis, final.norm.gamma), final.norm.kind))
+        kind = final.norm.kind + (f", beta {final.norm.shift}" if final.norm.shift else "")
+        rows.append(("-", "final norm", final.norm.gamma or "-", _shape(analysis, final.norm.gamma), kind))
         for entry in final.readers:
             lin = entry.linear
             rows.append(

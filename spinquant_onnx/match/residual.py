@@ -182,7 +182,7 @@ def trace_stream(index: GraphIndex) -> Stream:
             "RMSNorm, a residual Add or a shape op, so R1 cannot be absorbed exactly"
         )
     exits = _check_stream_closed(index, stream, events)
-    return Stream(hidden, embedding, entries, events, stream, _centered(events), exits)
+    return Stream(hidden, embedding, entries, events, stream, stream_centered(events), exits)
 
 
 @dataclass
@@ -292,7 +292,7 @@ def _check_stream_closed(index: GraphIndex, stream: set[str], events: list[Resid
     return sorted(name for name in stream if name in index.graph_outputs)
 
 
-def _centered(events: list[Residual]) -> bool:
+def stream_centered(events: list[Residual]) -> bool:
     """True on a LayerNorm stream; one stream read by both LayerNorms and RMSNorms cannot be centred."""
     kinds = {e.norm.centered for e in events if e.kind == "norm"} | {
         e.online_norm.centered for e in events if e.online_norm is not None

@@ -18,9 +18,9 @@ from typing import Any
 from spinquant_onnx.errors import InputError
 from spinquant_onnx.graph.index import GraphIndex
 from spinquant_onnx.graph.ops import SCALAR_OPS, TRANSPARENT_OPS
-from spinquant_onnx.match.linears import Linear, linear_at, weight_behind
+from spinquant_onnx.match.linears import Linear, behind_rows, linear_at, weight_behind
 from spinquant_onnx.match.norms import NormMatch, find_norms
-from spinquant_onnx.match.residual import Embedding, Residual, Stream
+from spinquant_onnx.match.residual import Embedding, Residual, Stream, stream_centered
 from spinquant_onnx.match.roles import Roles, assign_roles
 
 SCHEMA = "spinquant-onnx/roles"
@@ -55,7 +55,9 @@ def _norm_entry(norm: NormMatch, store) -> dict[str, Any]:
         "gamma_offset": norm.gamma_offset,
         "sum_output": norm.sum_output,
         "bias": norm.bias,
-        "shape": list(store.shape(norm.gamma)),
+        "shape": [norm.width] if norm.width is not None else list(store.shape(norm.gamma)),
+        # A LayerNorm: the stream is centred, the norm becomes an RMSNorm, beta ("shift") goes into the readers' biases.
+        **({"centered": True, "shift": norm.shift, "eps": norm.eps} if norm.centered else {}),
     }
 
 
@@ -75,6 +77,12 @@ def export_roles(index: GraphIndex, stream: Stream, roles: Roles) -> dict[str, A
                 "kind": "write",
                 "online": event.online,
                 "post_norm": _norm_entry(event.online_norm, index.store),
+                "add_output": event.add.output[0],
+            })
+        elif event.table is not None:  # learned position embeddings: a table row added into the stream
+            residual.append({
+                "kind": "write",
+                "table": {"gather_output": event.table.output, "table": event.table.table},
                 "add_output": event.add.output[0],
             })
         else:
@@ -236,7 +244,7 @@ def import_roles(index: GraphIndex, data: dict[str, Any]) -> tuple[Stream, Roles
             events.append(_write_event(index, check, item, where, stream, given))
         else:
             raise check.fail(where, f"kind must be 'norm' or 'write', not {item.get('kind')!r}")
-    result = Stream(hidden, embedding, entries, events, stream)
+    result = Stream(hidden, embedding, entries, events, stream, stream_centered(events))
     return result, assign_roles(index, result, given)
 
 
@@ -269,7 +277,12 @@ def _write_event(
     operands = [index.see_through_back(name) for name in add.input[:2]]
     if not any(name in stream for name in add.input[:2]):
         raise check.fail(where, f"Add '{add.output[0]}' does not read the residual stream")
-    if "online" in item:
+    if "table" in item:
+        table = check.embedding(item["table"])
+        if table.output not in operands:
+            raise check.fail(where, f"Add '{add.output[0]}' does not read table rows '{table.output}'")
+        event = Residual("write", add=add, table=table)
+    elif "online" in item:
         online = item["online"]
         post = check.norms.get(item.get("post_norm", {}).get("output", online))
         if index.see_through_back(online) not in operands or post is None:
@@ -278,7 +291,8 @@ def _write_event(
     else:
         writer = check.linear(item.get("writer", {}), f"{where}.writer", reader=False)
         given[writer.node.output[0]] = item["writer"].get("role", "writer")
-        if writer.output not in operands and index.see_through_back(writer.output) not in operands:
+        behind = {behind_rows(index, name, check.hidden) for name in add.input[:2]}  # GPT-2's Gemm + Reshape
+        if writer.output not in operands and index.see_through_back(writer.output) not in {*operands, *behind}:
             raise check.fail(where, f"Add '{add.output[0]}' does not read writer output '{writer.output}'")
         event = Residual("write", writer=writer, add=add)
     if add.op_type == "Add":
