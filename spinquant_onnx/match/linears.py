@@ -140,6 +140,13 @@ def linear_writing(index: GraphIndex, tensor: str) -> Linear | None:
     return None
 
 
+# Ops whose outputs have their first input's shape (a norm's sum output included).
+SAME_SHAPE_OPS = frozenset({
+    "Cast", "Identity", "Relu", "Neg", "LayerNormalization", "SkipLayerNormalization",
+    "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+})
+
+
 def _last_dim_is(index: GraphIndex, name: str, data: str, width: int, depth: int = 0) -> bool:
     """True when ``name``'s last dim is certainly ``width``: ``data`` itself, a declared shape, a table row,
     or an elementwise op one of whose inputs has it (broadcasting keeps a dim above 1)."""
@@ -156,7 +163,7 @@ def _last_dim_is(index: GraphIndex, name: str, data: str, width: int, depth: int
         return len(table) == 2 and table[1] == width and index.attr(node, "axis", 0) == 0
     if node.op_type in ("Add", "Sub", "Mul", "Div"):
         return any(_last_dim_is(index, i, data, width, depth + 1) for i in node.input)
-    if node.op_type in ("Cast", "Identity", "LayerNormalization", "Relu", "Neg"):
+    if node.op_type in SAME_SHAPE_OPS:
         return _last_dim_is(index, node.input[0], data, width, depth + 1)
     return False
 
