@@ -24,7 +24,42 @@ SHORT_REASONS = {
     "already quantized": "refused: already quantized, rotate the float export",
     "applies attention": "R3 refused: fused attention op",
     "no Hadamard matrix": "refused: no Hadamard of this order",
+    "no MLP down projection": "refused: parallel attention+MLP block",
+    "no o_proj writer": "refused: parallel attention+MLP block",
+    "cannot tell head_dim": "refused: head_dim not stated by the graph",
+    "reshapes the keys across head_dim": "R3 refused: keys reshaped across head_dim",
 }
+
+
+# fixtures/families/ rows (#15): LayerNorm families (centred stream), post-norm families, a split Llama.
+FAMILY_ROWS = {
+    "gpt2": "gpt2 (LayerNorm, position table, tied)",
+    "gpt_neox": "gpt-neox (LayerNorm, parallel)",
+    "phi": "phi-2 (LayerNorm, parallel)",
+    "stablelm": "stablelm (LayerNorm)",
+    "starcoder2": "starcoder2 (LayerNorm, biases)",
+    "olmo": "olmo (non-parametric LayerNorm)",
+    "nemotron": "nemotron (LayerNorm1P)",
+    "cohere": "cohere (decomposed LayerNorm, parallel)",
+    "olmo2": "olmo2 (post-norm)",
+    "olmo3": "olmo3 (post-norm)",
+    "exaone4": "exaone4 (post-norm)",
+}
+
+
+def family_entries() -> list[dict]:
+    """The families manifest's rows named in FAMILY_ROWS, and each part of the split Llama on its own."""
+    found = []
+    for entry in json.loads((FIXTURES / "families" / "manifest.json").read_text())["fixtures"]:
+        name, family = entry["file"], entry["family"]
+        if entry.get("kind") == "split":
+            row = f"llama split, part {entry['part']} alone"
+        elif family in FAMILY_ROWS:
+            row = FAMILY_ROWS[family]
+        else:
+            continue
+        found.append({"file": f"families/{name}", "row": row, "column": _column(entry)})
+    return found
 
 
 def entries() -> list[dict]:
@@ -41,7 +76,7 @@ def entries() -> list[dict]:
             if entry.get("tied"):
                 row += " tied"
             found.append({"file": str((folder / name).relative_to(FIXTURES)), "row": row, "column": _column(entry)})
-    return found
+    return found + family_entries()
 
 
 def _column(entry: dict) -> str:
