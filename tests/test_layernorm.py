@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.utils
 import pytest
 from conftest import FIXTURES
 from onnx import helper
@@ -227,3 +228,25 @@ def test_rotate_parts_refuses_parts_of_different_models(tmp_path: Path, capsys: 
     assert main(["rotate-parts", *map(str, parts), "--out-dir", str(tmp_path / "o")]) == 2
     assert "not parts of one model" in capsys.readouterr().err
     assert not list((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize(("name", "cut"), [("stablelm_ts17.onnx", "/model/layers.0/Add_1_output_0"),
+                                          ("gpt2_dy18.onnx", "add_221")])
+def test_layernorm_model_cut_in_two(name: str, cut: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A LayerNorm export cut at a stream tensor: rotate-parts composes to the whole model's logits; part 1
+    alone is exact (its entry centred and rotated online); part 0 alone is refused (its output was centred)."""
+    source = FAMILIES / name
+    inputs = [i.name for i in onnx.load(source).graph.input]
+    parts = [tmp_path / "p0.onnx", tmp_path / "p1.onnx"]
+    onnx.utils.extract_model(str(source), str(parts[0]), inputs, [cut])
+    onnx.utils.extract_model(str(source), str(parts[1]), [cut, *inputs], ["logits"])
+    out = tmp_path / "out"
+    assert main(["rotate-parts", *map(str, parts), "--out-dir", str(out)]) == 0
+    whole = run_chain([source])["logits"]
+    chained = run_chain([out / p.name for p in parts])["logits"]
+    assert np.linalg.norm(chained - whole) / np.linalg.norm(whole) < EXACT
+    assert np.array_equal(chained.argmax(-1), whole.argmax(-1))
+    convert(parts[1], tmp_path / "alone1.onnx")
+    _exact(parts[1], tmp_path / "alone1.onnx")
+    assert main(["rotate", str(parts[0]), str(tmp_path / "alone0.onnx")]) == 2
+    assert "rotate-parts" in capsys.readouterr().err

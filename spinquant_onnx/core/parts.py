@@ -89,20 +89,21 @@ def convert_parts(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     return reports
 
 
-def run_chain(parts: Sequence[str | os.PathLike], providers: Sequence[str] | None = None,
-              seed: int = 0) -> dict[str, np.ndarray]:
-    """Run the parts in order in ONNX Runtime, each fed the earlier parts' outputs (by name) and shared inputs."""
+def run_chain(parts: Sequence[str | os.PathLike], providers: Sequence[str] | None = None, seed: int = 0,
+              feeds: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Run the parts in order in ONNX Runtime, each fed the earlier parts' outputs (by name) and shared inputs
+    (``feeds``, else synthesized; ids drawn from the vocab of the last part, which holds lm_head)."""
     import onnx
 
     from spinquant_onnx.core.equivalence import infer_vocab_size, run_model, synthesize_inputs
 
-    values: dict[str, np.ndarray] = {}
+    values: dict[str, np.ndarray] = dict(feeds or {})
+    vocab = infer_vocab_size(onnx.load(str(parts[-1]), load_external_data=False))
     for path in parts:
         model = onnx.load(str(path), load_external_data=False)
         wanted = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
         missing = {i.name for i in model.graph.input if i.name in wanted and i.name not in values}
         if missing:
-            vocab = infer_vocab_size(model)
             fresh = synthesize_inputs(model, seed=seed, vocab_size=vocab)
             values.update({k: v for k, v in fresh.items() if k in missing})
         outputs, _ = run_model(str(path), {k: values[k] for k in wanted}, providers)
