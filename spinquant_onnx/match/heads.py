@@ -531,7 +531,10 @@ def attention_sites(index: GraphIndex, roles: Roles) -> list[AttentionSite]:
                 continue
             where = f"attention block {block.number}"
             if part.writer is None:
-                raise UnsupportedGraphError(f"{where}: no o_proj writer found")
+                raise UnsupportedGraphError(
+                    f"{where}: no o_proj writer found (a parallel attention+MLP block, as in GPT-NeoX, adds both "
+                    "sub-blocks at once and is not split yet); drop --r2/--r3"
+                )
             projections = _projections(index, part)
             geometry, fused = head_geometry(index, part, projections, part.writer.linear, norms_by_input, where)
             if "qkv" in projections and fused is not None:

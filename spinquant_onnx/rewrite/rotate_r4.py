@@ -31,7 +31,10 @@ def prepare_r4(roles: Roles) -> list[tuple[int, Linear]]:
         if part.kind == "mlp" and part.writer is not None
     ]
     if not downs:
-        raise UnsupportedGraphError("R4: no MLP down projection found")
+        raise UnsupportedGraphError(
+            "R4: no MLP down projection found (a parallel attention+MLP block, as in Phi-2 or Cohere, is not "
+            "split into its sub-blocks yet); drop --r4"
+        )
     for number, down in downs:
         if decompose(down.in_features) is None:
             d = largest_supported_divisor(down.in_features)
