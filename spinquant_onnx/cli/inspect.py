@@ -68,7 +68,8 @@ def render(analysis: Analysis) -> str:
     header = ("block", "role", "tensor", "shape", "how")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
-        f"hidden size {stream.hidden}, {len(roles.blocks)} blocks, {len(stream.norms)} RMSNorms on the stream, "
+        f"hidden size {stream.hidden}, {len(roles.blocks)} blocks, {len(stream.norms)} "
+        f"{'LayerNorms (stream centred)' if stream.centered else 'RMSNorms'} on the stream, "
         f"{len(stream.writers)} writers"
         + (
             f" ({sum(1 for w in stream.writers if w.online)} rotated online)"
