@@ -21,7 +21,7 @@ from spinquant_onnx.core.equivalence import compare_models
 from spinquant_onnx.core.options import Options
 from spinquant_onnx.core.parts import run_chain
 from spinquant_onnx.core.pipeline import convert
-from spinquant_onnx.errors import SpinQuantError, UnsupportedGraphError
+from spinquant_onnx.errors import SpinQuantError
 from spinquant_onnx.match.residual import Stream
 from spinquant_onnx.rewrite import layernorm
 from spinquant_onnx.rewrite.rotate_r1 import check_stream_ends
@@ -33,14 +33,8 @@ EXACT = 1e-5
 LAYERNORM = ["gpt2", "gpt_neox", "phi", "stablelm", "starcoder2", "olmo", "nemotron"]
 POST_NORM = ["olmo2", "olmo3", "exaone4"]
 FILES = [f"{family}_{exp}.onnx" for family in LAYERNORM + POST_NORM for exp in ("ts17", "dy18")] + ["cohere_dy18.onnx"]
-# R1-R4 where a pass refuses: the family feature in the message (parallel blocks, heads the graph hides).
-R1_R4_REFUSED = {
-    "gpt2": "cannot tell head_dim",  # Conv1D qkv split by Split, heads by a computed Reshape
-    "gpt_neox": "no o_proj writer",  # parallel attention + MLP: one Add of both sub-blocks
-    "phi": "no MLP down projection",  # parallel attention + MLP off one LayerNorm
-    "cohere": "no MLP down projection",  # parallel attention + MLP
-    "exaone4_ts17": "reshapes the keys across head_dim",
-}
+# R1-R4 on these exports (exact, or refused naming the feature) is a cell of the conformance table
+# (scripts/conformance.py, tests/test_conformance.py); here: R1, and what the rewrite leaves in the graph.
 
 
 def _exact(original: Path, rotated: Path, own_cache: bool = False) -> None:
@@ -60,21 +54,6 @@ def test_family_r1_exact(name: str, tmp_path: Path) -> None:
         assert report.online_rotations  # the post-norm outputs are rotated online, as Gemma's sandwich norms
     else:
         assert report.rotation["layernorm"]["norms_replaced"] >= 3
-
-
-@pytest.mark.parametrize("name", FILES)
-def test_family_r1_r4_exact_or_refused(name: str, tmp_path: Path) -> None:
-    out = tmp_path / "r.onnx"
-    stem = name.removesuffix(".onnx")
-    expected = R1_R4_REFUSED.get(stem) or R1_R4_REFUSED.get(stem.rsplit("_", 1)[0])
-    try:
-        convert(FAMILIES / name, out, r2=True, r3=True, r4=True)
-    except UnsupportedGraphError as exc:
-        assert expected is not None and expected in str(exc), str(exc)
-        assert "\n" not in str(exc)
-        return
-    assert expected is None, f"expected a refusal ({expected})"
-    _exact(FAMILIES / name, out, own_cache=True)
 
 
 def test_keeping_the_layernorm_after_rotation_is_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
