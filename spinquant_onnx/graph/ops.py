@@ -10,6 +10,9 @@ from __future__ import annotations
 TRANSPARENT_OPS = frozenset({"Identity", "Cast", "QcQuantizeOp"})
 # What the declarative pattern matcher (match/pattern.py) steps through between two pattern nodes.
 PASS_THROUGH = frozenset({"QcQuantizeOp", "Identity"})
+# Ops folded when every input is a constant (dynamo's optimize=False graphs compute axes and exponents
+# with them): ``GraphIndex.constant`` sees through them.
+FOLDABLE_OPS = frozenset({"Reshape", "Cast", "CastLike", "Identity", "Squeeze", "Unsqueeze"})
 # Ops whose output does not depend on the values of their input.
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 

@@ -15,8 +15,9 @@ import onnx
 from spinquant_onnx.errors import UnsupportedGraphError
 from spinquant_onnx.graph.index import GraphIndex, Use, node_label
 from spinquant_onnx.graph.ops import LINEAR_OPS, QUANTIZED_OPS, SCALAR_OPS, SHAPE_ONLY_OPS, TRANSPARENT_OPS
-from spinquant_onnx.match.linears import Linear, linear_at, linear_writing, weight_behind
+from spinquant_onnx.match.linears import Linear, expert_linear_at, linear_at, weight_behind
 from spinquant_onnx.match.norms import NormMatch, find_norms
+from spinquant_onnx.match.routing import READ_ROUTING, routed_readers, routed_writers
 
 
 @dataclass
@@ -30,9 +31,9 @@ class Embedding:
 
 @dataclass
 class Residual:
-    """A norm and the linears reading it, or a linear writing into the stream: one event on the stream."""
+    """A norm and the linears reading it, linears reading the raw stream, or a linear writing into it."""
 
-    kind: str  # "norm" | "write"
+    kind: str  # "norm" | "read" (no norm: lm_head of a model without a final norm) | "write"
     norm: NormMatch | None = None
     readers: list[Linear] = field(default_factory=list)
     writer: Linear | None = None
@@ -40,6 +41,7 @@ class Residual:
     # A write no weight can absorb (a norm's output, as Gemma's sandwich norms): rotated online instead.
     online: str | None = None
     online_norm: NormMatch | None = None
+    input: str | None = None  # the stream tensor a "read" event's linears take
 
 
 @dataclass
@@ -53,6 +55,11 @@ class Stream:
     @property
     def norms(self) -> list[Residual]:
         return [e for e in self.events if e.kind == "norm"]
+
+    @property
+    def reading(self) -> list[Residual]:
+        """Every event with readers: norms (gamma fused into them) and raw-stream reads."""
+        return [e for e in self.events if e.kind in ("norm", "read")]
 
     @property
     def writers(self) -> list[Residual]:
@@ -150,8 +157,15 @@ def trace_stream(index: GraphIndex) -> Stream:
                 if embedding is None and _is_input_entry(index, other, hidden):  # Qwen3-VL deepstack features
                     entries.append(index.see_through_back(other))
                 else:
-                    events.append(_write_event(index, other, node, hidden, norm_outputs))
+                    events.extend(_write_event(index, other, node, hidden, norm_outputs))
             stream.add(node.output[0])
+            continue
+        if _reads_raw(index, node, stream_inputs[0]):
+            readers = routed_readers(
+                index, stream_inputs[0], hidden, f"residual stream tensor '{stream_inputs[0]}'",
+                uses=[Use(node, slot) for slot, name in enumerate(node.input) if name == stream_inputs[0]],
+            )
+            events.append(Residual("read", readers=readers, input=stream_inputs[0]))
             continue
         raise UnsupportedGraphError(
             f"residual stream tensor '{stream_inputs[0]}' is read by node {node_label(node)}, which is not an "
@@ -216,6 +230,15 @@ def _stream_start(
     return None, [name for name, _ in inputs], inputs[0][1]
 
 
+def _reads_raw(index: GraphIndex, node: onnx.NodeProto, tensor: str) -> bool:
+    """A linear (or token routing in front of linears) reading the stream itself, as lm_head without a final norm."""
+    if node.op_type in LINEAR_OPS and node.input[0] == tensor and linear_at(index, node) is not None:
+        return True
+    if node.op_type == "MatMul" and expert_linear_at(index, node) is not None:
+        return True
+    return node.op_type in READ_ROUTING and node.input[0] == tensor
+
+
 def _passes_value(index: GraphIndex, node: onnx.NodeProto, stream: set[str]) -> bool:
     """A transparent op, or a multiply/divide by a scalar, on a stream tensor: its output is the stream too."""
     if node.op_type in TRANSPARENT_OPS and node.input[0] in stream:
@@ -238,33 +261,19 @@ def _check_stream_closed(index: GraphIndex, stream: set[str], events: list[Resid
 
 
 def _readers_of(index: GraphIndex, norm: NormMatch, hidden: int) -> list[Linear]:
-    """The linears reading a norm's output; anything else would see the rotation and is refused."""
+    """The linears reading a norm's output (through token routing); anything else sees the rotation: refused."""
     exit_name = index.exits_graph(norm.output)
     if exit_name:
         raise UnsupportedGraphError(
             f"norm {norm.label} output reaches graph output '{exit_name}'; its gamma cannot be fused"
         )
-    readers = []
-    for use in index.value_users(norm.output):
-        found = linear_at(index, use.node) if use.index == 0 and use.node.op_type in LINEAR_OPS else None
-        if found is None:
-            raise UnsupportedGraphError(
-                f"norm {norm.label} output is read by node {node_label(use.node)}, which is not a linear layer "
-                "with a constant weight; its gamma cannot be fused"
-            )
-        if found.in_features != hidden:
-            raise UnsupportedGraphError(
-                f"linear {found.label}: weight '{found.weight}' has {found.in_features} input features, "
-                f"the residual stream has {hidden}"
-            )
-        readers.append(found)
-    return readers
+    return routed_readers(index, norm.output, hidden, f"norm {norm.label} output")
 
 
 def _write_event(
     index: GraphIndex, tensor: str, add: onnx.NodeProto, hidden: int, norm_outputs: dict[str, NormMatch]
-) -> Residual:
-    """A write into the stream: absorbed by a linear, or, after a sandwich norm, an online rotation."""
+) -> list[Residual]:
+    """A write into the stream: absorbed by its linears (several for MoE), or, after a sandwich norm, online."""
     source = index.see_through_back(tensor)
     norm = norm_outputs.get(source)
     if norm is not None and index.store.shape(norm.gamma) == (hidden,):
@@ -273,34 +282,8 @@ def _write_event(
             raise UnsupportedGraphError(
                 f"norm {norm.label} writes into the residual stream and is also read elsewhere; cannot rotate it"
             )
-        return Residual("write", add=add, online=tensor, online_norm=norm)
-    return Residual("write", writer=_writer_of(index, tensor, add, hidden), add=add)
-
-
-def _writer_of(index: GraphIndex, tensor: str, add: onnx.NodeProto, hidden: int) -> Linear:
-    """The linear whose output is added into the stream by ``add``; it must write nowhere else."""
-    writer = linear_writing(index, tensor)
-    if writer is None:
-        producer = index.producer.get(index.see_through_back(tensor))
-        what = f"node {node_label(producer)}" if producer is not None else f"input '{tensor}'"
-        raise UnsupportedGraphError(
-            f"residual Add {node_label(add)} adds '{tensor}' from {what}, which is not a linear layer with a "
-            "constant weight, so R1 cannot be absorbed there"
-        )
-    if writer.out_features != hidden:
-        raise UnsupportedGraphError(
-            f"linear {writer.label}: weight '{writer.weight}' writes {writer.out_features} features into a "
-            f"residual stream of {hidden}"
-        )
-    readers = index.value_users(writer.output)
-    if index.exits_graph(writer.output) or any(u.node is not add for u in readers):
-        other = next((u.node for u in readers if u.node is not add), None)
-        where = node_label(other) if other is not None else "a graph output"
-        raise UnsupportedGraphError(
-            f"linear {writer.label} writes into the residual stream and is also read by {where}; rotating its "
-            "output would change that reader"
-        )
-    return writer
+        return [Residual("write", add=add, online=tensor, online_norm=norm)]
+    return [Residual("write", writer=writer, add=add) for writer in routed_writers(index, tensor, add, hidden)]
 
 
 def _check_skip_writer(
@@ -315,4 +298,4 @@ def _check_skip_writer(
     node = norm.anchor
     for name in norm.inputs:
         if name not in stream:
-            events.append(_write_event(index, name, node, hidden, norm_outputs))
+            events.extend(_write_event(index, name, node, hidden, norm_outputs))
