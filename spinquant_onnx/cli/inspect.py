@@ -30,18 +30,15 @@ def render(analysis: Analysis) -> str:
         rows.append(("-", "inputs_embeds", name, "", "graph input"))
     for block in roles.blocks:
         for part in block.parts:
-            rows.append(
-                (
-                    str(block.number),
-                    f"{part.kind} norm",
-                    part.norm.gamma,
-                    _shape(analysis, part.norm.gamma),
-                    part.norm.kind,
+            if part.norm is not None:
+                norm = part.norm
+                rows.append(
+                    (str(block.number), f"{part.kind} norm", norm.gamma, _shape(analysis, norm.gamma), norm.kind)
                 )
-            )
-            for entry in part.readers + ([part.writer] if part.writer else []):
+            for entry in part.readers + part.writers:
                 lin = entry.linear
                 detail = f"{lin.node.op_type} {_layout(lin)}" + (f" bias {lin.bias}" if lin.bias else "")
+                detail += f", {lin.experts} experts gathered per token" if lin.experts else ""
                 rows.append((str(block.number), entry.role, lin.weight, _shape(analysis, lin.weight), detail))
             if part.online_write is not None:
                 post = part.post_norm
@@ -56,7 +53,10 @@ def render(analysis: Analysis) -> str:
                 )
     if roles.final is not None:
         final = roles.final
-        rows.append(("-", "final norm", final.norm.gamma, _shape(analysis, final.norm.gamma), final.norm.kind))
+        if final.norm is None:
+            rows.append(("-", "no final norm", "", "", "lm_head reads the raw residual stream"))
+        else:
+            rows.append(("-", "final norm", final.norm.gamma, _shape(analysis, final.norm.gamma), final.norm.kind))
         for entry in final.readers:
             lin = entry.linear
             rows.append(

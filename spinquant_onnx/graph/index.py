@@ -94,7 +94,7 @@ class GraphIndex:
     def _folded(self, node: onnx.NodeProto) -> np.ndarray | None:
         """A FOLDABLE_OPS node whose inputs are all small constants, evaluated (None otherwise)."""
         values = [self.constant(name) if name else None for name in node.input]
-        if not values or values[0] is None or any(v is None for v, n in zip(values, node.input) if n):
+        if not values or values[0] is None or any(v is None and n for v, n in zip(values, node.input, strict=True)):
             return None
         x = values[0]
         if node.op_type in ("Identity",):
