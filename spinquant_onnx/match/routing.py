@@ -170,6 +170,8 @@ READ_ROUTING: dict[str, Rule] = {
     "GatherND": _gather_nd,
     "Slice": _slice,
     "Transpose": _transpose,
+    "Mul": _mul,  # by a scalar (MiniCPM-style scaling before lm_head) or a per-token factor
+    "Div": _div,
 }
 # Between the linears writing into the stream and the residual Add: expert outputs weighted and combined.
 WRITE_ROUTING: dict[str, Rule] = {
