@@ -36,6 +36,7 @@ FAMILY_ROWS = {
     "deepseek_v3": "deepseek-v3 (MoE + MLA)",
     "granite": "granite (multipliers)",
     "helium": "helium (no eps)",
+    "gpt_oss": "gpt-oss (MoE, expert biases)",
 }
 LLAMA_VARIANTS = {"nofinalnorm": "llama no final norm", "noopt": "llama optimize=False"}
 

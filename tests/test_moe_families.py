@@ -27,6 +27,8 @@ EXACT_R1 = [
     "qwen3_moe_bmm_ts17",
     "qwen3_moe_bmm_dy18",
     "deepseek_v3_moe_bmm_ts17",
+    "gpt_oss_bmm_ts17",
+    "gpt_oss_bmm_dy18",
     "granite_ts17",
     "granite_dy18",
     "helium_dy18",
@@ -86,6 +88,7 @@ def _roles(name: str) -> list[str]:
         ("qwen2_moe_bmm_dy18", {"router": 2, "expert_gate_up": 2, "expert_down": 2, "shared_expert_gate": 2,
                                 "shared_gate": 2, "shared_up": 2, "shared_down": 2}),
         ("deepseek_v3_moe_bmm_ts17", {"router": 1, "expert_gate_up": 1, "expert_down": 1, "down": 1}),
+        ("gpt_oss_bmm_dy18", {"router": 2, "expert_gate_up": 2, "expert_down": 2}),
     ],
 )
 def test_moe_roles(name: str, expected: dict[str, int]) -> None:
@@ -106,7 +109,9 @@ def test_role_map_names_experts_and_raw_reads() -> None:
     assert data["residual"][-1]["kind"] == "read" and data["residual"][-1]["readers"][0]["role"] == "lm_head"
 
 
-@pytest.mark.parametrize("name", ["mixtral_bmm_ts17", "qwen2_moe_bmm_dy18", "llama_nofinalnorm_dy18"])
+@pytest.mark.parametrize(
+    "name", ["mixtral_bmm_ts17", "qwen2_moe_bmm_dy18", "gpt_oss_bmm_ts17", "llama_nofinalnorm_dy18"]
+)
 def test_role_map_round_trip_is_byte_identical(name: str, tmp_path: Path) -> None:
     source = FAMILIES / f"{name}.onnx"
     analysis = analyze(onnx.load(source), FAMILIES)
@@ -156,3 +161,11 @@ def test_expert_output_read_elsewhere_is_refused(tmp_path: Path) -> None:
     model.graph.output.append(helper.make_tensor_value_info("squeeze_1", onnx.TensorProto.FLOAT, None))
     with pytest.raises(UnsupportedGraphError, match="squeeze_1"):
         convert(_save(model, tmp_path), tmp_path / "out.onnx")
+
+
+def test_gpt_oss_expert_bias_is_rotated_with_its_experts() -> None:
+    """gpt-oss adds a gathered [E, H] down bias after the experts: it is the expert writer's bias (axis 1)."""
+    analysis = analyze(onnx.load(FAMILIES / "gpt_oss_bmm_dy18.onnx"), FAMILIES)
+    downs = [e.linear for e in analysis.roles.all_linears() if e.role == "expert_down"]
+    assert downs and all(d.bias is not None and d.bias_axis == 1 for d in downs)
+    assert all(analysis.store.shape(d.bias) == (4, 64) for d in downs)

@@ -126,8 +126,8 @@ def linear_at(index: GraphIndex, node: onnx.NodeProto, with_bias: bool = True) -
 EXPERT_GATHERS = {"Gather": 0, "GatherND": 0}
 
 
-def _gathered_stack(index: GraphIndex, tensor: str) -> tuple[WeightRef, onnx.NodeProto] | None:
-    """The 3-D initializer ``tensor`` is gathered from along axis 0 (the expert axis), with the gather."""
+def gathered_stack(index: GraphIndex, tensor: str, rank: int = 3) -> tuple[WeightRef, onnx.NodeProto] | None:
+    """The initializer (of ``rank``) ``tensor`` is gathered from along axis 0 (the expert axis), with the gather."""
     node = index.producer.get(index.see_through_back(tensor))
     if node is None or node.op_type not in EXPERT_GATHERS or node.output[0] != index.see_through_back(tensor):
         return None
@@ -136,7 +136,7 @@ def _gathered_stack(index: GraphIndex, tensor: str) -> tuple[WeightRef, onnx.Nod
     if node.op_type == "GatherND" and index.attr(node, "batch_dims", 0) != 0:
         return None
     ref = weight_behind(index, node, EXPERT_GATHERS[node.op_type])
-    if ref is None or ref.transposed or len(index.store.shape(ref.name)) != 3:
+    if ref is None or ref.transposed or len(index.store.shape(ref.name)) != rank:
         return None
     return ref, node
 
@@ -151,7 +151,7 @@ def expert_linear_at(index: GraphIndex, node: onnx.NodeProto) -> Linear | None:
     if node.op_type != "MatMul" or len(node.input) != 2:
         return None
     for weight_slot, in_axis, out_axis in ((0, 2, 1), (1, 1, 2)):
-        found = _gathered_stack(index, node.input[weight_slot])
+        found = gathered_stack(index, node.input[weight_slot])
         if found is None:
             continue
         ref, _ = found

@@ -314,10 +314,11 @@ def _write_event(
         writer = check.linear(item.get("writer", {}), f"{where}.writer", reader=False)
         given[writer.node.output[0]] = item["writer"].get("role", "writer")
         if writer.output not in operands and index.see_through_back(writer.output) not in operands:
-            routed = [lin.node.output[0] for name in add.input[:2] if name not in stream
-                      for lin in _routed_or_none(index, name, add, check.hidden)]
+            routed = {lin.node.output[0]: lin for name in add.input[:2] if name not in stream
+                      for lin in _routed_or_none(index, name, add, check.hidden)}
             if writer.node.output[0] not in routed:  # MoE: the writer reaches the Add through token routing
                 raise check.fail(where, f"Add '{add.output[0]}' does not read writer output '{writer.output}'")
+            writer = routed[writer.node.output[0]]  # with a gathered expert bias, if any
         event = Residual("write", writer=writer, add=add)
     if add.op_type == "Add":
         stream |= _aliases(index, {add.output[0]})

@@ -26,7 +26,7 @@ from spinquant_onnx.errors import UnsupportedGraphError
 from spinquant_onnx.graph.index import GraphIndex, Use, node_label
 from spinquant_onnx.graph.ops import LINEAR_OPS
 from spinquant_onnx.graph.shapes import shape_of
-from spinquant_onnx.match.linears import Linear, expert_linear_at, linear_at, linear_writing
+from spinquant_onnx.match.linears import Linear, expert_linear_at, gathered_stack, linear_at, linear_writing
 
 KEEP, RELAYOUT, COLUMN, ROW = "keep", "relayout", "column", "row"
 
@@ -330,9 +330,30 @@ def _write_back(walk: _WriteWalk, tensor: str, form: str) -> None:
         )
     walk.nodes.add(id(node))
     walk.tensors.append(node.output[0])
+    if node.op_type == "Add" and _expert_bias_add(walk, node):
+        return
     inputs = _routed_inputs(walk, node, form)
     for name, input_form in inputs:
         _write_back(walk, name, input_form)
+
+
+def _expert_bias_add(walk: _WriteWalk, node: onnx.NodeProto) -> bool:
+    """``experts' output + bias[idx]`` (gpt-oss): the gathered [E, H] bias stack joins that expert writer."""
+    for slot in (0, 1):
+        found = gathered_stack(walk.index, node.input[slot], rank=2)
+        if found is None or walk.index.store.shape(found[0].name)[1] != walk.hidden:
+            continue
+        before = len(walk.writers)
+        _write_back(walk, node.input[1 - slot], "row")
+        added = walk.writers[before:]
+        if len(added) != 1 or not added[0].experts or added[0].bias is not None:
+            raise UnsupportedGraphError(
+                f"node {node_label(node)} adds a gathered bias to something other than one expert projection"
+            )
+        ref = found[0]
+        added[0].bias, added[0].bias_use, added[0].bias_axis = ref.name, ref.use, 1
+        return True
+    return False
 
 
 def _routed_inputs(walk: _WriteWalk, node: onnx.NodeProto, form: str) -> list[tuple[str, str]]:
