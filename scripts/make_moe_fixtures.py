@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Try to export a tiny random-init gpt-oss (MoE with expert biases, attention sinks) as a family fixture.
+"""MoE family fixtures beyond make_family_fixtures.py's: gpt-oss (expert biases, attention sinks) and a
+Qwen3-MoE TorchScript export with a KV cache.
 
 Reuses scripts/make_family_fixtures.py (same config base, checks against torch on another input, manifest
 entry or dropped reason); run with the transformers 5.x venv:
-``/work/venvs/fx5/bin/python scripts/make_gpt_oss_fixture.py [--out DIR]``.
+``/work/venvs/fx5/bin/python scripts/make_moe_fixtures.py [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ fam.FEATURES["gpt_oss"] = "MoE: 4 experts top-2 with expert biases, attention si
 fam.JOBS[:] = [
     fam.Job(f"gpt_oss_bmm_{tag}", "gpt_oss", exporter, 15, experts="batched_mm")
     for exporter, tag in (("torchscript", "ts17"), ("dynamo", "dy18"))
-]
+] + [fam.Job("qwen3_moe_bmm_kv_ts17", "qwen3_moe", "torchscript", 15, kind="kv", experts="batched_mm")]
 
 if __name__ == "__main__":
     sys.exit(fam.main(sys.argv[1:]))
