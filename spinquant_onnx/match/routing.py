@@ -393,9 +393,9 @@ def _add_writer(walk: _WriteWalk, writer: Linear) -> None:
     walk.writers.append(writer)
     walk.nodes.add(id(writer.node))
     if writer.bias_use is not None:
-        walk.nodes.add(id(index_bias_add(walk.index, writer)))
+        walk.nodes.add(id(_output_node(walk.index, writer)))
 
 
-def index_bias_add(index: GraphIndex, writer: Linear) -> onnx.NodeProto:
+def _output_node(index: GraphIndex, writer: Linear) -> onnx.NodeProto:
     """The node that produces a linear's final output (its bias Add, or the linear itself)."""
     return index.producer.get(writer.output, writer.node)
