@@ -32,18 +32,16 @@ def render(analysis: Analysis) -> str:
         rows.append(("-", "inputs_embeds", name, "", "graph input"))
     for block in roles.blocks:
         for part in block.parts:
-            rows.append(
-                (
-                    str(block.number),
-                    f"{part.kind} norm",
-                    part.norm.gamma or "-",
-                    _shape(analysis, part.norm.gamma),
-                    part.norm.kind + (f", beta {part.norm.shift}" if part.norm.shift else ""),
+            if part.norm is not None:
+                norm = part.norm
+                kind = norm.kind + (f", beta {norm.shift}" if norm.shift else "")
+                rows.append(
+                    (str(block.number), f"{part.kind} norm", norm.gamma or "-", _shape(analysis, norm.gamma), kind)
                 )
-            )
-            for entry in part.readers + ([part.writer] if part.writer else []):
+            for entry in part.readers + part.writers:
                 lin = entry.linear
                 detail = f"{lin.node.op_type} {_layout(lin)}" + (f" bias {lin.bias}" if lin.bias else "")
+                detail += f", {lin.experts} experts gathered per token" if lin.experts else ""
                 rows.append((str(block.number), entry.role, lin.weight, _shape(analysis, lin.weight), detail))
             if part.online_write is not None:
                 post = part.post_norm
@@ -58,8 +56,11 @@ def render(analysis: Analysis) -> str:
                 )
     if roles.final is not None:
         final = roles.final
-        kind = final.norm.kind + (f", beta {final.norm.shift}" if final.norm.shift else "")
-        rows.append(("-", "final norm", final.norm.gamma or "-", _shape(analysis, final.norm.gamma), kind))
+        if final.norm is None:
+            rows.append(("-", "no final norm", "", "", "lm_head reads the raw residual stream"))
+        else:
+            kind = final.norm.kind + (f", beta {final.norm.shift}" if final.norm.shift else "")
+            rows.append(("-", "final norm", final.norm.gamma or "-", _shape(analysis, final.norm.gamma), kind))
         for entry in final.readers:
             lin = entry.linear
             rows.append(

@@ -37,6 +37,8 @@ class Linear:
     bias: str | None = None
     bias_use: Use | None = None
     bias_axis: int = 0
+    experts: int = 0  # > 0: a stack of per-expert weights [E, ., .], gathered per token by the router
+    activation_slot: int = 0  # the MatMul input the activation arrives on (1 for column-form experts)
 
     @property
     def label(self) -> str:
@@ -118,6 +120,55 @@ def linear_at(index: GraphIndex, node: onnx.NodeProto, with_bias: bool = True) -
         bias_use=bias_use,
         bias_axis=len(index.store.shape(bias)) - 1 if bias is not None else 0,
     )
+
+
+# Ops that pick experts' weights by index from an [E, ., .] stack: (op, the stack's slot).
+EXPERT_GATHERS = {"Gather": 0, "GatherND": 0}
+
+
+def gathered_stack(index: GraphIndex, tensor: str, rank: int = 3) -> tuple[WeightRef, onnx.NodeProto] | None:
+    """The initializer (of ``rank``) ``tensor`` is gathered from along axis 0 (the expert axis), with the gather."""
+    node = index.producer.get(index.see_through_back(tensor))
+    if node is None or node.op_type not in EXPERT_GATHERS or node.output[0] != index.see_through_back(tensor):
+        return None
+    if node.op_type == "Gather" and index.attr(node, "axis", 0) != 0:
+        return None
+    if node.op_type == "GatherND" and index.attr(node, "batch_dims", 0) != 0:
+        return None
+    ref = weight_behind(index, node, EXPERT_GATHERS[node.op_type])
+    if ref is None or ref.transposed or len(index.store.shape(ref.name)) != rank:
+        return None
+    return ref, node
+
+
+def expert_linear_at(index: GraphIndex, node: onnx.NodeProto) -> Linear | None:
+    """A MatMul of per-token expert weights (gathered from an [E, ., .] stack) with the activation.
+
+    Column form (HF's batched_mm): ``W[idx] @ x[..., :, None]`` with the stack as [E, out, in]; row form:
+    ``x[..., None, :] @ W[idx]`` with [E, in, out]. The stack's in/out axes absorb rotations like a
+    dense weight's, for every expert at once.
+    """
+    if node.op_type != "MatMul" or len(node.input) != 2:
+        return None
+    for weight_slot, in_axis, out_axis in ((0, 2, 1), (1, 1, 2)):
+        found = gathered_stack(index, node.input[weight_slot])
+        if found is None:
+            continue
+        ref, _ = found
+        shape = index.store.shape(ref.name)
+        return Linear(
+            node=node,
+            weight=ref.name,
+            weight_use=ref.use,
+            in_axis=in_axis,
+            out_axis=out_axis,
+            in_features=shape[in_axis],
+            out_features=shape[out_axis],
+            output=node.output[0],
+            experts=shape[0],
+            activation_slot=1 - weight_slot,
+        )
+    return None
 
 
 def linear_writing(index: GraphIndex, tensor: str) -> Linear | None:

@@ -44,7 +44,9 @@ def _reduces_last_axis(index: GraphIndex, node: onnx.NodeProto) -> bool:
 _X = optional("Cast", Var("x"))
 _SQUARE = AnyOf((Op(("Pow",), (_X, Const(test=scalar_equals(2.0)))), Op(("Mul",), (_X, _X))))
 _MEAN = Op(("ReduceMean",), (_SQUARE,), check=_reduces_last_axis)
-_DENOM = Op(("Sqrt",), (Op(("Add",), (_MEAN, Const("eps")), commutative=True),))
+# The eps Add is optional: Helium's export (and any eps = 0 norm) takes the root of the mean itself.
+_EPS_ADDED = AnyOf((Op(("Add",), (_MEAN, Const("eps")), commutative=True), _MEAN))
+_DENOM = Op(("Sqrt",), (_EPS_ADDED,))
 _INVERSE = AnyOf((Op(("Div",), (Const(test=scalar_equals(1.0)), _DENOM)), Op(("Reciprocal",), (_DENOM,))))
 _NORMALIZED = AnyOf((Op(("Mul",), (_X, _INVERSE), commutative=True), Op(("Div",), (_X, _DENOM))))
 # Gemma scales by (1 + w); an exporter that does not fold the constant leaves the Add in the graph.

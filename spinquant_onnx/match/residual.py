@@ -15,8 +15,17 @@ import onnx
 from spinquant_onnx.errors import UnsupportedGraphError
 from spinquant_onnx.graph.index import GraphIndex, Use, node_label
 from spinquant_onnx.graph.ops import LINEAR_OPS, QUANTIZED_OPS, SCALAR_OPS, SHAPE_ONLY_OPS, TRANSPARENT_OPS
-from spinquant_onnx.match.linears import Linear, behind_rows, linear_at, linear_writing, row_users, weight_behind
+from spinquant_onnx.match.linears import (
+    Linear,
+    behind_rows,
+    expert_linear_at,
+    linear_at,
+    linear_writing,
+    row_users,
+    weight_behind,
+)
 from spinquant_onnx.match.norms import NormMatch, find_norms, norm_width
+from spinquant_onnx.match.routing import READ_ROUTING, routed_readers, routed_writers
 
 
 @dataclass
@@ -30,9 +39,9 @@ class Embedding:
 
 @dataclass
 class Residual:
-    """A norm and the linears reading it, or a linear writing into the stream: one event on the stream."""
+    """A norm and the linears reading it, linears reading the raw stream, or a linear writing into it."""
 
-    kind: str  # "norm" | "write"
+    kind: str  # "norm" | "read" (no norm: lm_head of a model without a final norm) | "write"
     norm: NormMatch | None = None
     readers: list[Linear] = field(default_factory=list)
     writer: Linear | None = None
@@ -40,6 +49,7 @@ class Residual:
     # A write no weight can absorb (a norm's output, as Gemma's sandwich norms): rotated online instead.
     online: str | None = None
     online_norm: NormMatch | None = None
+    input: str | None = None  # the stream tensor a "read" event's linears take
     # A write that is a row of a table (GPT-2's learned position embeddings): rotated like the embedding.
     table: Embedding | None = None
 
@@ -59,6 +69,11 @@ class Stream:
     @property
     def norms(self) -> list[Residual]:
         return [e for e in self.events if e.kind == "norm"]
+
+    @property
+    def reading(self) -> list[Residual]:
+        """Every event with readers: norms (gamma fused into them) and raw-stream reads."""
+        return [e for e in self.events if e.kind in ("norm", "read")]
 
     @property
     def writers(self) -> list[Residual]:
@@ -152,6 +167,7 @@ def trace_stream(index: GraphIndex) -> Stream:
     norm_outputs = {norm.output: norm for norm in norms}
     events: list[Residual] = []
     seen_norms: set[int] = set()
+    raw_read: set[str] = set()
 
     for node in index.graph.node:
         stream_inputs = [name for name in node.input if name in stream]
@@ -174,8 +190,8 @@ def trace_stream(index: GraphIndex) -> Stream:
                     events.extend(_write_event(index, other, node, hidden, norm_outputs))
             stream.add(node.output[0])
             continue
-        if _raw_reader(index, node, stream, hidden):
-            _open_raw(index, node.input[0], node, _Walk(stream, hidden, events, seen_norms, norm_outputs))
+        if _reads_raw(index, node, stream_inputs[0]):
+            _raw_read(index, stream_inputs[0], hidden, events, raw_read)
             continue
         raise UnsupportedGraphError(
             f"residual stream tensor '{stream_inputs[0]}' is read by node {node_label(node)}, which is not an "
@@ -209,40 +225,6 @@ def _enter_norm(index: GraphIndex, node: onnx.NodeProto, norm: NormMatch, walk: 
         walk.stream.update(node.output[:1])
 
 
-def _raw_reader(index: GraphIndex, node: onnx.NodeProto, stream: set[str], hidden: int) -> bool:
-    """A linear reading the stream itself (post-norm models: Olmo2, Exaone4 have no norm before q/k/v)."""
-    return (
-        node.op_type in LINEAR_OPS
-        and node.input[0] in stream
-        and not any(name in stream for name in node.input[1:])
-        and linear_at(index, node) is not None
-    )
-
-
-def _open_raw(index: GraphIndex, tensor: str, node: onnx.NodeProto, walk: _Walk) -> None:
-    """Every linear reading ``tensor`` directly, as one identity "norm" event (nothing to fuse, R1 on inputs)."""
-    key = hash(("raw", tensor))
-    if key in walk.seen_norms:
-        return
-    walk.seen_norms.add(key)
-    norm = NormMatch(
-        kind="none (linears read the stream directly)",
-        inputs=(tensor,),
-        output=tensor,
-        gamma=None,
-        gamma_use=None,
-        gamma_offset=0.0,
-        nodes=[node],
-        width=walk.hidden,
-    )
-    readers = []
-    for use in index.users(tensor):
-        if use.node.op_type in SHAPE_ONLY_OPS or not _raw_reader(index, use.node, walk.stream, walk.hidden):
-            continue
-        readers.append(_checked_reader(index, norm, use, walk.hidden))
-    walk.events.append(Residual("norm", norm=norm, readers=readers))
-
-
 def _open_norm(
     index: GraphIndex, norm: NormMatch, hidden: int, events: list[Residual], seen_norms: set[int]
 ) -> None:
@@ -272,6 +254,25 @@ def _stream_start(
             f"(found {len(norms)} RMSNorm(s) in {len(index.graph.node)} nodes)"
         )
     return None, [name for name, _ in inputs], inputs[0][1]
+
+
+def _reads_raw(index: GraphIndex, node: onnx.NodeProto, tensor: str) -> bool:
+    """A linear (or token routing in front of linears) reading the stream itself, as lm_head without a final norm."""
+    if node.op_type in LINEAR_OPS and node.input[0] == tensor and linear_at(index, node) is not None:
+        return True
+    if node.op_type == "MatMul" and expert_linear_at(index, node) is not None:
+        return True
+    return node.op_type in READ_ROUTING and node.input[0] == tensor
+
+
+def _raw_read(index: GraphIndex, tensor: str, hidden: int, events: list[Residual], done: set[str]) -> None:
+    """Every linear reading stream tensor ``tensor`` is one read event (post-norm models: q, k, v together)."""
+    if tensor in done:
+        return
+    done.add(tensor)
+    uses = [u for u in index.value_users(tensor) if _reads_raw(index, u.node, tensor)]
+    readers = routed_readers(index, tensor, hidden, f"residual stream tensor '{tensor}'", uses=uses)
+    events.append(Residual("read", readers=readers, input=tensor))
 
 
 def _passes_value(index: GraphIndex, node: onnx.NodeProto, stream: set[str]) -> bool:
@@ -306,46 +307,21 @@ def stream_centered(events: list[Residual]) -> bool:
 
 
 def _readers_of(index: GraphIndex, norm: NormMatch, hidden: int) -> list[Linear]:
-    """The linears reading a norm's output; anything else would see the rotation and is refused."""
+    """The linears reading a norm's output (through token routing); anything else sees the rotation: refused."""
     exit_name = index.exits_graph(norm.output)
     if exit_name:
         raise UnsupportedGraphError(
             f"norm {norm.label} output reaches graph output '{exit_name}'; its gamma cannot be fused"
         )
-    return [_checked_reader(index, norm, use, hidden) for use in row_users(index, norm.output, hidden)]
-
-
-def _checked_reader(index: GraphIndex, norm: NormMatch, use: Use, hidden: int) -> Linear:
-    found = linear_at(index, use.node) if use.index == 0 and use.node.op_type in LINEAR_OPS else None
-    if found is None:
-        raise UnsupportedGraphError(
-            f"norm {norm.label} output is read by node {node_label(use.node)}, which is not a linear layer "
-            "with a constant weight; its gamma cannot be fused"
-        )
-    if found.in_features != hidden:
-        raise UnsupportedGraphError(
-            f"linear {found.label}: weight '{found.weight}' has {found.in_features} input features, "
-            f"the residual stream has {hidden}"
-        )
-    return found
+    return routed_readers(index, norm.output, hidden, f"norm {norm.label} output")
 
 
 def _write_event(
     index: GraphIndex, tensor: str, add: onnx.NodeProto, hidden: int, norm_outputs: dict[str, NormMatch]
 ) -> list[Residual]:
-    """A write into the stream: absorbed by a linear, or, after a sandwich norm, an online rotation."""
+    """A write into the stream: absorbed by its linears (several for MoE), or, after a sandwich norm, online."""
     source = index.see_through_back(tensor)
     norm = norm_outputs.get(source)
-    producer = index.producer.get(source)
-    if (
-        producer is not None
-        and producer.op_type == "Add"
-        and linear_writing(index, source) is None
-        and all(use.node is add for use in index.value_users(source))
-        and not index.exits_graph(source)
-    ):
-        # Parallel blocks add their sub-blocks first (NeoX: mlp + attn, then + residual): each is a write.
-        return [w for name in producer.input for w in _write_event(index, name, producer, hidden, norm_outputs)]
     table = _table_write(index, source, add, hidden)
     if table is not None:
         return [Residual("write", add=add, table=table)]
@@ -356,7 +332,26 @@ def _write_event(
                 f"norm {norm.label} writes into the residual stream and is also read elsewhere; cannot rotate it"
             )
         return [Residual("write", add=add, online=tensor, online_norm=norm)]
-    return [Residual("write", writer=_writer_of(index, tensor, add, hidden), add=add)]
+    try:
+        writers = routed_writers(index, tensor, add, hidden)
+    except UnsupportedGraphError:
+        row_writer = linear_writing(index, behind_rows(index, tensor, hidden))  # Gemm + row-keeping Reshape
+        if row_writer is not None and row_writer.out_features == hidden and all(
+            u.node is add for u in row_users(index, row_writer.output, hidden)
+        ) and not index.exits_graph(row_writer.output):
+            return [Residual("write", writer=row_writer, add=add)]
+        producer = index.producer.get(source)
+        if not (
+            producer is not None
+            and producer.op_type == "Add"
+            and linear_writing(index, source) is None
+            and all(use.node is add for use in index.value_users(source))
+            and not index.exits_graph(source)
+        ):
+            raise
+        # Parallel blocks add their sub-blocks first (NeoX: mlp + attn, then + residual): each is a write.
+        return [w for name in producer.input for w in _write_event(index, name, producer, hidden, norm_outputs)]
+    return [Residual("write", writer=writer, add=add) for writer in writers]
 
 
 def _table_write(index: GraphIndex, source: str, add: onnx.NodeProto, hidden: int) -> Embedding | None:
@@ -371,31 +366,6 @@ def _table_write(index: GraphIndex, source: str, add: onnx.NodeProto, hidden: in
         return None
     return Embedding(node, ref.name, ref.use, 1, source)
 
-
-def _writer_of(index: GraphIndex, tensor: str, add: onnx.NodeProto, hidden: int) -> Linear:
-    """The linear whose output is added into the stream by ``add``; it must write nowhere else."""
-    writer = linear_writing(index, behind_rows(index, tensor, hidden))
-    if writer is None:
-        producer = index.producer.get(index.see_through_back(tensor))
-        what = f"node {node_label(producer)}" if producer is not None else f"input '{tensor}'"
-        raise UnsupportedGraphError(
-            f"residual Add {node_label(add)} adds '{tensor}' from {what}, which is not a linear layer with a "
-            "constant weight, so R1 cannot be absorbed there"
-        )
-    if writer.out_features != hidden:
-        raise UnsupportedGraphError(
-            f"linear {writer.label}: weight '{writer.weight}' writes {writer.out_features} features into a "
-            f"residual stream of {hidden}"
-        )
-    readers = row_users(index, writer.output, hidden)
-    if index.exits_graph(writer.output) or any(u.node is not add for u in readers):
-        other = next((u.node for u in readers if u.node is not add), None)
-        where = node_label(other) if other is not None else "a graph output"
-        raise UnsupportedGraphError(
-            f"linear {writer.label} writes into the residual stream and is also read by {where}; rotating its "
-            "output would change that reader"
-        )
-    return writer
 
 
 def _check_skip_writer(

@@ -125,9 +125,9 @@ def plan_r1(stream: Stream, rotation: Rotation, plan: TensorPlan) -> int:
         if writer.bias is not None:
             plan.add(writer.bias, writer.bias_use, write(writer.bias_axis), "writer bias")
         count += 1
-    for event in stream.norms:
+    for event in stream.reading:
         norm = event.norm
-        if norm.bias is not None:
+        if norm is not None and norm.bias is not None:
             plan.add(norm.bias, norm.bias_use, [rotate(0, rotation, "R1")], "skip-norm bias")
         for linear in event.readers:
             plan.add(linear.weight, linear.weight_use, [rotate(linear.in_axis, rotation, "R1")], "reader")
