@@ -31,7 +31,18 @@ def prepare_r4(roles: Roles) -> list[tuple[int, Linear]]:
         if part.kind == "mlp" and part.writer is not None
     ]
     if not downs:
-        raise UnsupportedGraphError("R4: no MLP down projection found")
+        raise UnsupportedGraphError(
+            "R4: no MLP down projection found (a parallel attention+MLP block, as in Phi-2 or Cohere, is not "
+            "split into its sub-blocks yet); drop --r4"
+        )
+    for block in roles.blocks:
+        for part in block.parts:
+            if part.kind == "mlp" and part.experts:
+                raise UnsupportedGraphError(
+                    f"R4: block {block.number}'s MLP is a mixture of {part.experts} experts, whose down "
+                    "projections take tokens gathered per expert; an online Hadamard there is not supported: "
+                    "drop --r4 (R1, R2 and R3 stay exact)"
+                )
     for number, down in downs:
         if decompose(down.in_features) is None:
             d = largest_supported_divisor(down.in_features)
