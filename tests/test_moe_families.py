@@ -65,19 +65,22 @@ def test_deepseek_dynamo_within_its_router_conditioning(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", MOE)
-def test_moe_r4_refused_r2_r3_exact(name: str, tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedGraphError, match=r"R4: block \d's MLP is a mixture of 4 experts.*drop --r4"):
-        _rotate(name, tmp_path, r4=True)
+def test_moe_r2_r3_r4_exact(name: str, tmp_path: Path) -> None:
+    """R4's online Hadamard on every expert's activations (column and row form), its inverse in the stack."""
+    wanted = {"r2": True, "r3": True, "r4": True}
     if "deepseek" in name:  # MLA: head_dim is not stated by the graph (R2/R3 refused by name, see heads.py)
         with pytest.raises(UnsupportedGraphError, match="cannot tell head_dim"):
-            _rotate(name, tmp_path, r2=True, r3=True)
-        return
+            _rotate(name, tmp_path, **wanted)
+        wanted = {"r4": True}
     if "kv" in name:  # TorchScript's cache Concat: R3 refuses the new keys as on the dense qwen3_kv_ts17
         with pytest.raises(UnsupportedGraphError, match="cannot tell the new keys"):
-            _rotate(name, tmp_path, r2=True, r3=True)
-    out = _rotate(name, tmp_path, r2=True, r3="kv" not in name)
+            _rotate(name, tmp_path, **wanted)
+        wanted["r3"] = False
+    out = _rotate(name, tmp_path, **wanted)
     result = compare_models(FAMILIES / f"{name}.onnx", out, providers=["cpu"], threshold=EXACT, own_cache=True)
     assert result.rel_l2 < EXACT and result.argmax_agreement == 1.0
+    analysis = analyze(onnx.load(out), out.parent)
+    assert any(e.linear.experts for e in analysis.roles.all_linears() if e.role == "expert_down")
 
 
 def _roles(name: str) -> list[str]:
