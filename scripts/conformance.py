@@ -177,11 +177,10 @@ def outcome(file: str) -> str:
     everything = _run(path, r2=True, r3=True, r4=True)
     if everything == "exact":
         return "exact (R1-R4)"
-    if everything.startswith("R2-R4 refused"):
+    if everything.startswith("R2-R4 refused"):  # attention refuses R2/R3: does R4 alone hold?
+        if _run(path, r4=True) == "exact":
+            return f"exact (R1, R4); R2, R3 refused: {everything.split(': ', 1)[1]}"
         return f"exact (R1); {everything}"
-    if everything.startswith("R4 refused"):
-        rest = _run(path, r2=True, r3=True)
-        return f"exact (R1-R3); {everything}" if rest == "exact" else f"R1 exact; R2+R3: {rest}"
     if everything.startswith("R3 refused"):
         rest = _run(path, r2=True, r4=True)
         if rest.startswith("R4 refused") and _run(path, r2=True) == "exact":

@@ -65,16 +65,18 @@ def test_deepseek_dynamo_within_its_router_conditioning(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", MOE)
-def test_moe_r4_refused_r2_r3_exact(name: str, tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedGraphError, match=r"R4: block \d's MLP is a mixture of 4 experts.*drop --r4"):
-        _rotate(name, tmp_path, r4=True)
+def test_moe_r2_r3_r4_exact(name: str, tmp_path: Path) -> None:
+    """R4's online Hadamard on every expert's activations (column and row form), its inverse in the stack."""
+    wanted = {"r2": True, "r3": True, "r4": True}
     if "deepseek" in name:  # MLA: R2/R3 refused by name (#14, heads.py)
         with pytest.raises(UnsupportedGraphError, match="multi-head latent attention|cannot tell head_dim"):
-            _rotate(name, tmp_path, r2=True, r3=True)
-        return
-    out = _rotate(name, tmp_path, r2=True, r3=True)  # the KV export too: #14 walks the cache Concat's new keys
+            _rotate(name, tmp_path, **wanted)
+        wanted = {"r4": True}
+    out = _rotate(name, tmp_path, **wanted)  # the KV export too: #14 walks the cache Concat's new keys
     result = compare_models(FAMILIES / f"{name}.onnx", out, providers=["cpu"], threshold=EXACT, own_cache=True)
     assert result.rel_l2 < EXACT and result.argmax_agreement == 1.0
+    analysis = analyze(onnx.load(out), out.parent)
+    assert any(e.linear.experts for e in analysis.roles.all_linears() if e.role == "expert_down")
 
 
 def _roles(name: str) -> list[str]:

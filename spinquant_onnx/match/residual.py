@@ -2,8 +2,9 @@
 
 Exactness comes from closure, not from recognizing a family: starting at the embedding, every consumer
 of every stream tensor must be a norm, a residual Add, a pass-through or a shape op, and every Add must
-take its other operand from a linear whose weight can absorb R1. Anything else is refused by name, so an
-unfamiliar graph is never rotated into a silently wrong model.
+take its other operand from a linear whose weight can absorb R1. Between the two, token routing (MoE
+dispatch and combine, ``routing.py``) may move whole hidden vectors around. Anything else is refused by
+name, so an unfamiliar graph is never rotated into a silently wrong model.
 """
 
 from __future__ import annotations

@@ -326,7 +326,8 @@ def _write_back(walk: _WriteWalk, tensor: str, form: str) -> None:
         what = f"node {node_label(node)}" if node is not None else f"input '{tensor}'"
         raise UnsupportedGraphError(
             f"residual Add {node_label(walk.add)} adds '{tensor}' from {what}, which is not a linear layer with "
-            "a constant weight (or a token-routing op in front of one), so R1 cannot be absorbed there"
+            "a constant weight (or a token-routing op in front of one), so R1 cannot be absorbed there; "
+            "describe the writers with --roles"
         )
     walk.nodes.add(id(node))
     walk.tensors.append(node.output[0])
@@ -374,7 +375,8 @@ def _routed_inputs(walk: _WriteWalk, node: onnx.NodeProto, form: str) -> list[tu
             return [(node.input[slot], input_form)]
     raise UnsupportedGraphError(
         f"node {node_label(node)} between a linear and residual Add {node_label(walk.add)} is not shown to keep "
-        f"the hidden axis ({walk.hidden}) whole (match/routing.py), so R1 cannot be passed through it"
+        f"the hidden axis ({walk.hidden}) whole (match/routing.py), so R1 cannot be passed through it; "
+        "describe the writers with --roles"
     )
 
 
