@@ -7,15 +7,17 @@ traceback. The input is never modified and a failed run leaves no output behind.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 import traceback
 
+from spinquant_onnx import __version__
 from spinquant_onnx.cli import eval as eval_cli
 from spinquant_onnx.cli import inspect, rotate, rotate_parts
 from spinquant_onnx.cli import vlm as vlm_cli
-from spinquant_onnx.cli.common import say
+from spinquant_onnx.cli.common import quiet_runtime_logs, say
 from spinquant_onnx.errors import SpinQuantError
 
 
@@ -24,13 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spinquant-onnx", description="Apply SpinQuant rotations to exported ONNX decoders, exactly."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"spinquant-onnx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    rotate.add_parser(sub)
-    rotate_parts.add_parser(sub)
-    inspect.add_parser(sub)
-    eval_cli.add_parser(sub)
-    vlm_cli.add_parser(sub)
+    for command in (rotate, rotate_parts, inspect, eval_cli, vlm_cli):
+        # --debug is accepted before or after the subcommand; SUPPRESS keeps the main parser's value otherwise
+        command.add_parser(sub).add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
+        )
     return parser
 
 
@@ -53,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """The command, with every failure turned into one line on stderr and an exit code."""
     try:
+        quiet_runtime_logs()
         return args.func(args)
+    except BrokenPipeError:  # `inspect | head`: the reader left; that is not an error
+        _silence_stdout()
+        return 0
     except SpinQuantError as exc:
         if args.debug:
             traceback.print_exc()
@@ -78,6 +85,15 @@ def _run(args: argparse.Namespace) -> int:
             traceback.print_exc()
         say("internal error", f"{type(exc).__name__}: {exc} (rerun with --debug)")
         return 3
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise again (Python docs' recipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in tests)
+        pass
 
 
 if __name__ == "__main__":

@@ -24,3 +24,12 @@ def write_json(path: str, payload: dict) -> None:
 def say(kind: str, message: object) -> None:
     """One line on stderr whatever the message holds (library errors often span several)."""
     print(f"spinquant-onnx: {kind}: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def quiet_runtime_logs() -> None:
+    """onnxruntime's own log lines stay off stderr (errors reach the user once, as our one line)."""
+    try:
+        from spinquant_onnx.core.equivalence import quiet_runtime_logs as quiet
+    except ImportError:  # onnxruntime missing: the command reports that itself
+        return
+    quiet()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -31,7 +32,24 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+# Optional dependencies by the option that needs them: checked before any work, with the command that fixes it.
+OPTIONAL_DEPENDENCIES = {
+    "plot": ("--plot", "matplotlib", "pip install matplotlib  (or: pip install 'spinquant-onnx[plot]')"),
+}
+
+
+def check_optional_dependencies(args: argparse.Namespace) -> None:
+    for attribute, (option, module, fix) in OPTIONAL_DEPENDENCIES.items():
+        if not getattr(args, attribute, None):
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise InputError(f"{option} needs {module}, which is not installed: {fix}") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    check_optional_dependencies(args)
     from spinquant_onnx.integrations import evaluate as ev
 
     config = ev.EvalConfig(
@@ -70,7 +88,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "on held-out windows, lm_head float) and weight-only int4 (MatMulNBits RTN, block 128 and 32)."
         ),
     )
-    parser.add_argument("model", help="float ONNX decoder with input_ids / attention_mask inputs and logits output")
+    parser.add_argument(
+        "model",
+        help="float ONNX decoder with input_ids (attention_mask, position_ids, past key/values: an empty past is "
+        "fed) and a logits output",
+    )
     parser.add_argument("--rotated", help="its rotated twin, scored on the same windows")
     parser.add_argument("--tokens", help="1-D .npy of token ids (default: tokens.npy beside MODEL)")
     parser.add_argument("--windows", type=int, default=4, help="windows scored (default 4)")

@@ -84,6 +84,35 @@ def render(analysis: Analysis) -> str:
     return "\n".join(lines)
 
 
+def render_capabilities(info: dict[str, Any]) -> str:
+    """Heads per attention block (grouped when all agree) and which rotations this graph allows."""
+    attention = info["attention"]
+    blocks = attention["blocks"]
+    if attention["error"]:
+        lines = [f"attention: head geometry not read ({attention['error']})"]
+    elif not blocks:
+        lines = ["attention: no attention blocks found"]
+    else:
+        shapes = {(b["num_heads"], b["num_kv_heads"], b["head_dim"]) for b in blocks}
+        if len(shapes) == 1:
+            heads, kv, dim = shapes.pop()
+            lines = [f"attention: {len(blocks)} blocks, {heads} heads, {kv} kv heads, head_dim {dim}"]
+        else:
+            lines = ["attention:"] + [
+                f"  block {b['block']}: {b['num_heads']} heads, {b['num_kv_heads']} kv heads, head_dim {b['head_dim']}"
+                for b in blocks
+            ]
+    for name, why in info["rotations"].items():
+        lines.append(f"{name.upper()}: " + ("possible" if why is None else f"not possible: {why}"))
+    return "\n".join(lines)
+
+
+def capabilities(analysis: Analysis) -> dict[str, Any]:
+    from spinquant_onnx.core import capabilities as caps
+
+    return {"attention": caps.heads(analysis), "rotations": caps.possible(analysis)}
+
+
 def _tied(analysis: Analysis) -> bool:
     roles = analysis.roles
     if analysis.stream.embedding is None or roles.final is None:
@@ -106,10 +135,15 @@ def run(args: argparse.Namespace) -> int:
 
     path = Path(args.input)
     analysis = analyze(load_model(path), path.parent)
+    info = capabilities(analysis)
     print(render(analysis))
+    print(render_capabilities(info))
     if args.json:
         from spinquant_onnx.match.role_map import export_roles, write_roles
 
-        write_roles(export_roles(analysis.index, analysis.stream, analysis.roles), args.json)
+        data = export_roles(analysis.index, analysis.stream, analysis.roles)
+        data["inspect"] = {**info, "note": "informational; ignored when the map is read back with --roles"}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_roles(data, args.json)
         print(f"role map written to {args.json}")
     return 0

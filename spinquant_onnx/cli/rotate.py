@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from spinquant_onnx.cli.common import providers, write_json
+from spinquant_onnx.cli.common import providers, say, write_json
 from spinquant_onnx.rotation.kinds import KINDS
 
 
@@ -14,9 +14,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     rotate = sub.add_parser("rotate", help="fuse RMSNorm scales and apply the R1 rotation: IN.onnx -> OUT.onnx")
     rotate.add_argument("input", help="ONNX model exported from a decoder LLM (fp32/fp16/bf16)")
     rotate.add_argument("output", help="where to write the rotated model (external data goes beside it)")
-    rotate.add_argument("--rotation", choices=KINDS, default="hadamard", help="R1 kind (default: hadamard)")
-    rotate.add_argument("--seed", type=int, default=0, help="seed for random-hadamard / random-orthogonal")
-    rotate.add_argument("--block-size", type=int, default=None, help="block-diagonal R1 of this order")
+    rotate.add_argument("--rotation", choices=KINDS, default=None, help="R1 kind (default: hadamard)")
+    rotate.add_argument("--seed", type=int, default=None,
+                        help="seed for random-hadamard / random-orthogonal (default 0)")
+    rotate.add_argument("--block-size", type=positive, default=None, help="block-diagonal R1 of this order")
     rotate.add_argument("--validate", action="store_true",
                         help="run original and rotated in onnxruntime; fail (exit 1) above relative L2 1e-4")
     rotate.add_argument("--providers", type=providers, default=None,
@@ -39,11 +40,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from spinquant_onnx.core.pipeline import convert  # the library loads on use: --help stays fast
 
+    warnings = ignored_options(args)
+    for text in warnings:
+        say("warning", text)
     report = convert(
         args.input,
         args.output,
-        rotation=args.rotation,
-        seed=args.seed,
+        rotation=args.rotation or "hadamard",
+        seed=0 if args.seed is None else args.seed,
         block_size=args.block_size,
         validate=args.validate,
         providers=args.providers,
@@ -57,20 +61,94 @@ def run(args: argparse.Namespace) -> int:
         rotation_file=args.rotation_file,
     )
     data = report.to_dict()
+    late = after_run_warnings(args, data)
+    for text in late:
+        say("warning", text)
+    data["warnings"] = warnings + late
     if args.report:
         write_json(args.report, data)
-    rot = data["rotation"]
-    print(
-        f"wrote {args.output}: R1 {rot['kind']} (n={rot['n']}"
-        + (f", blocks of {rot['block_size']}" if rot.get("block_size") else "")
-        + f", seed {args.seed}, {rot['precision']}) over {data['blocks']} blocks, "
-        f"{data['norms_fused']} norms fused, {len(data['tensors_rewritten'])} tensors rewritten "
-        f"in {data['timings_s']['total']:.2f}s"
-    )
-    if data["validation"]:
-        val = data["validation"]
+    print(summary(args.output, data))
+    val = data["validation"]
+    if val:
         print(
             f"validated on {val['provider']}: logits max-abs {val['max_abs']:.3g}, relative L2 {val['rel_l2']:.3g}, "
             f"argmax agreement {val['argmax_agreement']:.4f} ({'; '.join(val['cases'])})"
         )
     return 0
+
+
+def ignored_options(args: argparse.Namespace) -> list[str]:
+    """Options the run will not use, known before it starts (the rotation file's contents are checked later)."""
+    found = []
+    if args.seed is not None and (args.rotation or "hadamard") == "hadamard" and not args.rotation_file:
+        found.append("--seed is ignored with --rotation hadamard (deterministic); use random-hadamard or "
+                     "random-orthogonal for a seeded R1")
+    if args.trust_roles and not args.roles:
+        found.append("--trust-roles is ignored without --roles")
+    validates = args.validate or bool(args.roles and not args.trust_roles)  # a role map forces validation
+    if args.providers and not validates:
+        found.append("--providers is ignored without --validate (it picks where the check runs)")
+    return found
+
+
+def after_run_warnings(args: argparse.Namespace, data: dict[str, Any]) -> list[str]:
+    """Options the run turned out not to use: an R1 from the rotation file, CUDA asked for but absent."""
+    found = []
+    learned = data["rotation"].get("rotation_file")
+    if learned and learned.get("r1"):
+        given = [flag for flag, value in (("--rotation", args.rotation), ("--seed", args.seed),
+                                          ("--block-size", args.block_size)) if value is not None]
+        if given:
+            found.append(f"{', '.join(given)} ignored: R1 comes from the rotation file {learned['path']}")
+    asked = [p.lower() for p in args.providers or []]
+    val = data["validation"]
+    if val and {"cuda", "gpu", "cudaexecutionprovider"} & set(asked) and "CUDA" not in val["provider"]:
+        found.append(f"CUDA was asked for (--providers {','.join(args.providers)}) but does not load here; "
+                     f"validated on {val['provider']}")
+    return found
+
+
+def summary(output: str, data: dict[str, Any]) -> str:
+    """One line naming everything the run did: R1 and how, R2/R3/R4, online nodes, the rotation file."""
+    rot = data["rotation"]
+    how = [f"n={rot['n']}"]
+    if rot.get("block_size"):
+        how.append(f"blocks of {rot['block_size']}")
+    if rot.get("seed") is not None:
+        how.append(f"seed {rot['seed']}")
+    how.append(rot["precision"])
+    kind = f"block-diagonal {rot['block_kind']}" if rot["kind"] == "block-diagonal" else rot["kind"]
+    parts = [f"R1 {kind} ({', '.join(how)}) over {data['blocks']} blocks, {data['norms_fused']} norms fused"]
+    learned = rot.get("rotation_file")
+    if learned:
+        held = [name for name, present in (("R1", learned["r1"]), ("R2", learned["r2_layers"] or learned["r2_shared"]))
+                if present]
+        parts.append(f"rotation file {learned['path']} ({' and '.join(held) or 'empty'}"
+                     + (f"; {'; '.join(learned['notes'])}" if learned["notes"] else "") + ")")
+    if rot.get("r2"):
+        dims = sorted({site["head_dim"] for site in rot["r2"]})
+        parts.append(f"R2 (head_dim {'/'.join(map(str, dims))}) in {len(rot['r2'])} blocks")
+    if rot.get("r3"):
+        parts.append(f"R3 online on Q and K in {len(rot['r3'])} blocks")
+    if rot.get("r4"):
+        orders = sorted({site["order"] for site in rot["r4"]})
+        parts.append(f"R4 online (order {'/'.join(map(str, orders))}) in {len(rot['r4'])} blocks")
+    online = data["online_rotations"]
+    if online:
+        nodes = sum(int(o.get("nodes", 1)) for o in online)
+        parts.append(f"{len(online)} online rotations ({nodes} nodes)")
+    parts.append(f"{len(data['tensors_rewritten'])} tensors rewritten in {data['timings_s']['total']:.2f}s")
+    val = data["validation"]
+    parts.append(f"validated on {val['provider']}" if val else "not validated")
+    return f"wrote {output}: " + "; ".join(parts)
+
+
+def positive(value: str) -> int:
+    """``--block-size``: a positive integer (0 and negatives are refused by name, not as a missing rotation)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {number}")
+    return number

@@ -71,16 +71,24 @@ def _cmd_rotate_vlm(args: argparse.Namespace) -> int:
         visual_text = f"visual: {len(visual['writers'])} output projection(s) rotated"
     else:
         visual_text = "visual: unchanged"
+    how = [f"n={rot['n']}"] + ([f"blocks of {rot['block_size']}"] if rot.get("block_size") else [])
+    how += ([f"seed {rot['seed']}"] if rot.get("seed") is not None else []) + [rot["precision"]]
     print(
-        f"wrote {args.out_dir}: R1 {rot['kind']} (n={rot['n']}) over {data['blocks']} blocks, mode {vlm['mode']} "
+        f"wrote {args.out_dir}: R1 {rot['kind']} ({', '.join(how)}) over {data['blocks']} blocks, mode {vlm['mode']} "
         f"(entries {', '.join(vlm['entries']) or 'none'}); {visual_text}; "
-        f"embedding: {'rotated' if vlm['embedding'] else 'none'}; {len(vlm['online_rotations'])} online rotation(s)"
+        f"embedding: {'rotated' if vlm['embedding'] else 'none'}; {len(vlm['online_rotations'])} online rotation(s); "
+        + (f"validated on {vlm['validation']['provider']}" if vlm["validation"] else "not validated")
     )
     if vlm["validation"]:
         val = vlm["validation"]
         parts = [f"backbone rel L2 {val['backbone']['rel_l2']:.3g}, argmax {val['backbone']['argmax_agreement']:.4f}"]
-        if "visual" in val:
-            vis = val["visual"]
-            parts.append(f"visual rel L2 {vis['rel_l2']:.3g}" if "rel_l2" in vis else f"visual {vis['skipped']}")
+        vis = val.get("visual")
+        if vis and "rel_l2" in vis:
+            shown = ", ".join(
+                f"{name} {info.get('values', info['shape'])}" for name, info in vis["inputs"].items()
+            )
+            parts.append(f"visual rel L2 {vis['rel_l2']:.3g} (inputs: {shown})")
+        elif vis:
+            parts.append(f"visual not checked: {vis['why']}")
         print(f"validated on {val['provider']}: " + "; ".join(parts))
     return 0

@@ -102,8 +102,19 @@ def _provider_loads(provider: str) -> bool:
     except Exception:  # noqa: BLE001 - ORT errors derive from Exception; any failure means "does not load"
         return False
     finally:
-        ort.set_default_logger_severity(2)
+        ort.set_default_logger_severity(_default_log_severity)
     return session.get_providers()[0] == provider
+
+
+_default_log_severity = 2  # onnxruntime's own default (warnings and above)
+
+
+def quiet_runtime_logs(severity: int = 4) -> None:
+    """Keep onnxruntime's own log lines (colored ``[E:onnxruntime:...]``) off stderr: the command line
+    reports every failure itself, once, as one line."""
+    global _default_log_severity
+    _default_log_severity = severity
+    ort.set_default_logger_severity(severity)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -208,6 +219,8 @@ def _input_value(
     if elem_type in _FLOAT_TYPES:
         return rng.standard_normal(shape).astype(dtype)
     if elem_type == TensorProto.BOOL:
+        if "mask" in name:  # a selection mask (Qwen3-VL's visual_pos_masks): both branches get exercised
+            return rng.random(shape) < 0.5
         # Merged decoders (optimum) take `use_cache_branch`: the with-past branch is the one to test.
         return np.full(shape, past > 0 and "cache" in name, dtype=dtype)
     if "input_ids" in name:

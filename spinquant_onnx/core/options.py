@@ -42,5 +42,7 @@ class Options:
     def __post_init__(self) -> None:
         if self.rotation not in KINDS:
             raise SpinQuantError(f"unknown rotation '{self.rotation}': choose one of {', '.join(KINDS)}")
+        if self.block_size is not None and (isinstance(self.block_size, bool) or self.block_size < 1):
+            raise SpinQuantError(f"block size must be a positive integer, got {self.block_size}")
         if self.precision not in PRECISIONS:
             raise SpinQuantError(f"unknown precision '{self.precision}': choose float64 or float32")

@@ -56,7 +56,7 @@ def plan_model(analysis: Analysis, options: Options) -> tuple[TensorPlan, Report
         online_rotations=ctx.online,
     )
     report.rotation.update(ctx.done)
-    if learned is not None and (ctx.uses_r2 or options.r3 or options.r4):
+    if learned is not None:  # whatever it held (R1 only, R2 only, both): the report says which file was used
         report.rotation["rotation_file"] = learned.describe()
     return ctx.plan, report, ctx
 

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from spinquant_onnx.core.options import Options
 from spinquant_onnx.core.pipeline import apply_model
 from spinquant_onnx.core.report import Report
 from spinquant_onnx.errors import SpinQuantError
-from spinquant_onnx.integrations.aimet import apply_to_sim, is_quantsim
+from spinquant_onnx.integrations.aimet import RESET_OPTION, apply_to_sim, is_quantsim
 from spinquant_onnx.integrations.vlm import VlmReport, apply_vlm
 
+# Other spellings of ``visual=`` (AIMET's ``visual_sim``, a peer tool's ``visual_model``).
+VISUAL_ALIASES = ("visual_sim", "visual_model")
+KNOWN_OPTIONS = frozenset(f.name for f in dataclasses.fields(Options)) | {RESET_OPTION}
 
-def apply_spinquant(
-    model: Any, visual: Any = None, embedding: Any = None, *, visual_sim: Any = None, **options: Any
-) -> Report | VlmReport:
+
+def apply_spinquant(model: Any, visual: Any = None, embedding: Any = None, **options: Any) -> Report | VlmReport:
     """Rewrite ``model`` (an ``onnx.ModelProto`` with its weights loaded) in place; returns the report.
 
     With ``visual`` (the VLM's visual encoder) or ``embedding`` (its [vocab, hidden] table, numpy or
@@ -24,10 +28,19 @@ def apply_spinquant(
     ``QuantizationSimModel`` (anything with a ModelProto at ``.model.model``): see ``aimet.apply_to_sim``
     for what is checked, ``reset_encodings=True``, and the session rebuild.
     """
-    if visual_sim is not None:  # AIMET's spelling of the same argument
+    for alias in VISUAL_ALIASES:
+        value = options.pop(alias, None)
+        if value is None:
+            continue
         if visual is not None:
-            raise SpinQuantError("pass the visual encoder once: visual= or visual_sim=, not both")
-        visual = visual_sim
+            raise SpinQuantError(f"pass the visual encoder once: visual= or {alias}=, not both")
+        visual = value
+    unknown = sorted(set(options) - KNOWN_OPTIONS)
+    if unknown:
+        raise SpinQuantError(
+            f"apply_spinquant: unknown keyword {unknown[0]}=; valid: visual= (or {'=, '.join(VISUAL_ALIASES)}=), "
+            f"embedding=, {'=, '.join(sorted(KNOWN_OPTIONS))}="
+        )
     if visual is not None or embedding is not None:
         return apply_vlm(model, visual=visual, embedding=embedding, **options)
     if is_quantsim(model):

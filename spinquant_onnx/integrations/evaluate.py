@@ -124,21 +124,80 @@ def split_windows(tokens: np.ndarray, config: EvalConfig) -> tuple[np.ndarray, n
     return windows[:scored], windows[scored:]
 
 
-def _feeds(names: Sequence[str], window: np.ndarray) -> dict[str, np.ndarray]:
-    """One window as a batch of 1 with a full attention mask."""
-    ids = window.reshape(1, -1).astype(np.int64)
-    feeds = {}
-    for name in names:
-        if name == "input_ids":
-            feeds[name] = ids
-        elif name == "attention_mask":
-            feeds[name] = np.ones_like(ids)
-        elif name == "position_ids":
-            feeds[name] = np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1)
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input as eval needs it: its name, its dims (int, or a symbolic name / None) and element type."""
+
+    name: str
+    dims: tuple[int | str | None, ...]
+    dtype: np.dtype
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def session_inputs(session: Any) -> list[InputSpec]:
+    return [
+        InputSpec(i.name, tuple(i.shape), np.dtype(_ORT_TYPES.get(i.type, np.float32))) for i in session.get_inputs()
+    ]
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for info in model.graph.input:
+        if info.name in initializers:
+            continue
+        tensor_type = info.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+        specs.append(InputSpec(info.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))))
+    return specs
+
+
+def _is_cache(spec: InputSpec) -> bool:
+    return "past" in spec.name.lower() and len(spec.dims) >= 3 and spec.dtype.kind == "f"
+
+
+def empty_cache(spec: InputSpec, hints: dict[str, int]) -> np.ndarray:
+    """A zero-length past for a KV-cache input: batch 1, the past axis 0, every other dim fixed or hinted."""
+    shape = []
+    for dim in spec.dims:
+        if isinstance(dim, int) and dim > 0:
+            shape.append(dim)
+        elif isinstance(dim, str) and dim in hints:
+            shape.append(hints[dim])
+        elif isinstance(dim, str) and "past" in dim.lower():
+            shape.append(0)
+        elif isinstance(dim, str) and "batch" in dim.lower():
+            shape.append(1)
         else:
             raise InputError(
-                f"model input '{name}' is not input_ids / attention_mask / position_ids; "
-                "eval scores prefill-only exports (no past key/values)"
+                f"model input '{spec.name}': cannot size its dim {dim!r} for an empty KV cache "
+                "(expected batch / past-sequence names or fixed sizes)"
+            )
+    return np.zeros(shape, dtype=spec.dtype)
+
+
+def _feeds(inputs: Sequence[InputSpec], window: np.ndarray, hints: dict[str, int] | None = None
+           ) -> dict[str, np.ndarray]:
+    """One window as a batch of 1 with a full attention mask, and an empty past for KV-cache exports."""
+    ids = window.reshape(1, -1).astype(np.int64)
+    feeds = {}
+    for spec in inputs:
+        name = spec.name
+        if name == "input_ids":
+            feeds[name] = ids.astype(spec.dtype) if spec.dtype.kind == "i" else ids
+        elif name == "attention_mask":
+            feeds[name] = np.ones_like(ids, dtype=spec.dtype if spec.dtype.kind == "i" else np.int64)
+        elif name == "position_ids":
+            feeds[name] = np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1)
+        elif _is_cache(spec):
+            feeds[name] = empty_cache(spec, hints or {})
+        else:
+            raise InputError(
+                f"model input '{name}' is not input_ids / attention_mask / position_ids or a past key/value; "
+                "eval cannot feed it"
             )
     return feeds
 
@@ -162,14 +221,18 @@ class Scored:
     absmax: np.ndarray | None
 
 
-def score(session: Any, windows: np.ndarray, extra_outputs: Sequence[str] = ()) -> Scored:
+def score(
+    session: Any, windows: np.ndarray, extra_outputs: Sequence[str] = (), hints: dict[str, int] | None = None
+) -> Scored:
     """Mean NLL over all windows; with ``extra_outputs``, also their per-channel max |x| (last axis)."""
-    logits_name = session.get_outputs()[0].name
+    outputs_named = [o.name for o in session.get_outputs()]
+    logits_name = "logits" if "logits" in outputs_named else outputs_named[0]
     names = [logits_name, *extra_outputs]
+    inputs = session_inputs(session)
     total, count = 0.0, 0
     absmax: np.ndarray | None = None
     for window in windows:
-        outputs = session.run(names, _feeds([i.name for i in session.get_inputs()], window))
+        outputs = session.run(names, _feeds(inputs, window, hints))
         nll = window_nll(outputs[0], window)
         total, count = total + float(nll.sum()), count + nll.size
         if extra_outputs:
@@ -283,24 +346,25 @@ def _quiet_quantizers() -> Iterator[None]:
 class _Reader:
     """onnxruntime CalibrationDataReader over fixed windows."""
 
-    def __init__(self, windows: np.ndarray, input_names: Sequence[str]) -> None:
-        self._feeds = iter([_feeds(input_names, w) for w in windows])
+    def __init__(self, windows: np.ndarray, inputs: Sequence[InputSpec], hints: dict[str, int]) -> None:
+        self._feeds = iter([_feeds(inputs, w, hints) for w in windows])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._feeds, None)
 
 
-def quantize_w8a8(source: Path, target: Path, calibration: np.ndarray, exclude: Sequence[str]) -> Path:
+def quantize_w8a8(
+    source: Path, target: Path, calibration: np.ndarray, exclude: Sequence[str], hints: dict[str, int] | None = None
+) -> Path:
     """Static W8A8 QDQ on linears (MatMul with a constant weight): int8 per-channel weights, uint8 activations."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = _load_full(source)
-    inputs = [i.name for i in model.graph.input]
     with _quiet_quantizers():
         quantize_static(
             model,
             str(target),
-            _Reader(calibration, inputs),
+            _Reader(calibration, model_inputs(model), hints or {}),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["MatMul"],
             per_channel=True,
@@ -354,20 +418,37 @@ def evaluate_model(
     keep_float = online_nodes(graph)
     if not config.quantize_lm_head:
         keep_float += lm_head_nodes(analysis())
+    hints = cache_hints(graph, analysis)
     with tempfile.TemporaryDirectory(prefix="spinquant_eval_") as tmp:
         for row in config.rows:
             started = time.perf_counter()
             say(f"[{label}] {ROW_LABELS[row]} ...")
             if row == "float":
-                result.nll[row] = _score_float(path, scored, config, result, analysis)
+                result.nll[row] = _score_float(path, scored, config, result, analysis, hints)
             else:
-                quantized = _quantized(row, path, Path(tmp), calibration, keep_float)
+                quantized = _quantized(row, path, Path(tmp), calibration, keep_float, hints)
                 with _session(quantized, config.providers, reference_qdq=row == "w8a8") as session:
-                    result.nll[row] = score(session, scored).nll
+                    result.nll[row] = score(session, scored, hints=hints).nll
             result.perplexity[row] = math.exp(result.nll[row])
             result.timings[row] = round(time.perf_counter() - started, 2)
             say(f"[{label}] {ROW_LABELS[row]}: perplexity {result.perplexity[row]:.3f}")
     return result
+
+
+def cache_hints(graph: onnx.ModelProto, analysis: Callable[[], Analysis]) -> dict[str, int]:
+    """Sizes of KV-cache dims their names do not explain (genai's ``kv_cache_dim``), from the head geometry."""
+    named = {
+        dim
+        for spec in model_inputs(graph)
+        if _is_cache(spec)
+        for dim in spec.dims
+        if isinstance(dim, str) and "past" not in dim.lower() and "batch" not in dim.lower()
+    }
+    if not named:
+        return {}
+    from spinquant_onnx.core.pipeline import input_dim_hints
+
+    return input_dim_hints(analysis())
 
 
 def _check_vocab(graph: onnx.ModelProto, path: Path, used: np.ndarray) -> None:
@@ -382,25 +463,32 @@ def _check_vocab(graph: onnx.ModelProto, path: Path, used: np.ndarray) -> None:
 
 
 def _score_float(
-    path: Path, scored: np.ndarray, config: EvalConfig, result: ModelResult, analysis: Callable[[], Analysis]
+    path: Path,
+    scored: np.ndarray,
+    config: EvalConfig,
+    result: ModelResult,
+    analysis: Callable[[], Analysis],
+    hints: dict[str, int],
 ) -> float:
     """Float NLL; with ``config.activations``, the residual stream's per-channel max |x| in the same pass."""
     if not config.activations:
         with _session(path, config.providers) as session:
-            return score(session, scored).nll
+            return score(session, scored, hints=hints).nll
     model = _load_full(path)
     points = residual_points(analysis())  # tensor names: the same in the full model as in ``graph``
     with _session(with_outputs(model, points), config.providers) as session:
-        outcome = score(session, scored, points)
+        outcome = score(session, scored, points, hints)
     result.residual_absmax, result.residual_points = outcome.absmax, points
     return outcome.nll
 
 
-def _quantized(row: str, path: Path, tmp: Path, calibration: np.ndarray, keep_float: list[str]) -> Path:
+def _quantized(
+    row: str, path: Path, tmp: Path, calibration: np.ndarray, keep_float: list[str], hints: dict[str, int]
+) -> Path:
     """The quantized copy for ``row``; both W8A8 rows share one file (only the kernels differ)."""
     if row.startswith("w8a8"):
         target = tmp / "w8a8.onnx"
-        return target if target.is_file() else quantize_w8a8(path, target, calibration, keep_float)
+        return target if target.is_file() else quantize_w8a8(path, target, calibration, keep_float, hints)
     return quantize_w4(path, tmp / f"{row}.onnx", int(row.split("-")[1]), keep_float)
 
 

@@ -55,6 +55,7 @@ from spinquant_onnx.io.model_file import external_files, load_model, uses_extern
 from spinquant_onnx.io.tensor_store import TensorStore
 from spinquant_onnx.io.torch_pickle import load_torch, save_torch
 from spinquant_onnx.match.analysis import Analysis, analyze
+from spinquant_onnx.match.entry_route import Route, entry_route
 from spinquant_onnx.match.linears import Linear, linear_writing
 from spinquant_onnx.rewrite.online import OnlineRotation, insert_online_rotation
 from spinquant_onnx.rewrite.plan import TensorPlan, rotate, run_ops
@@ -155,7 +156,10 @@ def plan_vlm(
             "the backbone has no inputs_embeds-style input, so the visual encoder's embeddings cannot enter it; "
             "rotate it alone with `spinquant-onnx rotate`"
         )
-    _check_entry_readers(analysis, entries)
+    routes = stream_routes(analysis)
+    _check_entry_readers(analysis, entries, routes)
+    if visual is not None:
+        check_pair(analysis, visual, routes)
     # This module rotates the entries itself (the table, or online below); the caller's options stay as given.
     plan, report, ctx = plan_model(analysis, dataclasses.replace(opts, entries="external"))
     rotation = ctx.rotation  # the R1 the core planned with (generated or learned): every piece uses it
@@ -165,13 +169,55 @@ def plan_vlm(
     return VlmPlan(analysis, plan, report, rotation, mode, entries, visual)
 
 
-def _check_entry_readers(analysis: Analysis, entries: list[str]) -> None:
-    """Each entry may only be read by the stream (a norm or a residual Add): anything else would see R1."""
+def stream_routes(analysis: Analysis) -> list[Route]:
+    """The stream Adds fed by graph inputs after the first norm (Qwen3-VL's deepstack), with their routes."""
+    index, stream = analysis.index, analysis.stream
+    routes = []
+    for node in index.graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        inside = [name in stream.tensors for name in node.input]
+        if sum(inside) != 1:
+            continue
+        route = entry_route(index, node.input[inside.index(False)], node, stream.hidden)
+        if route is not None:
+            routes.append(route)
+    return routes
+
+
+def check_pair(analysis: Analysis, visual: VisualPart, routes: list[Route]) -> None:
+    """Refuse a visual encoder from another model: its hidden-width outputs are the merged image embeddings
+    plus one per deepstack layer, and the backbone adds exactly that many deepstack features into its stream."""
+    hidden = analysis.stream.hidden
+    wide = []
+    for output in visual.index.graph.output:
+        shape = visual.index.static_shape(output.name)
+        if shape and shape[-1] == hidden:
+            wide.append(output.name)
+    if not wide:
+        widths = sorted({str((visual.index.static_shape(o.name) or [None])[-1]) for o in visual.index.graph.output})
+        raise UnsupportedGraphError(
+            f"the visual encoder has no output of width {hidden} (the backbone's hidden size; its outputs have "
+            f"width {', '.join(widths)}): these pieces are not from the same model"
+        )
+    if len(wide) - 1 != len(routes):
+        raise UnsupportedGraphError(
+            f"the visual encoder has {len(wide)} output(s) of width {hidden} ({', '.join(wide)}), i.e. "
+            f"{len(wide) - 1} deepstack feature(s), but the backbone adds {len(routes)} deepstack input(s) into "
+            "its residual stream: these pieces are not from the same model (e.g. a Qwen3-VL backbone with a "
+            "Qwen2.5-VL encoder)"
+        )
+
+
+def _check_entry_readers(analysis: Analysis, entries: list[str], routes: list[Route]) -> None:
+    """Each entry may only be read by the stream (a norm or a residual Add) or its routing: anything else
+    would see R1."""
     index, stream = analysis.index, analysis.stream
     norm_nodes = {id(node) for event in stream.norms for node in event.norm.nodes}
+    route_nodes = {id(node) for route in routes for node in route.nodes}
     for entry in entries:
         for use in index.value_users(entry):
-            if id(use.node) in norm_nodes or any(out in stream.tensors for out in use.node.output):
+            if id(use.node) in norm_nodes | route_nodes or any(out in stream.tensors for out in use.node.output):
                 continue
             raise UnsupportedGraphError(
                 f"backbone input '{entry}' feeds the residual stream and is also read by node "
@@ -537,6 +583,9 @@ def convert_vlm(
     checks.preflight(model, analysis.store, vp.plan, paths.backbone.stat().st_size, validate=opts.validate)
     if part is not None and part.plan is not None:
         checks.preflight(part.model, part.store, part.plan, paths.visual.stat().st_size, validate=opts.validate)
+    feeds = _load_feeds(visual_feeds)
+    if opts.validate and part is not None and part.plan is not None:
+        feeds = visual_check_inputs(part, feeds)
     online = _insert_online(vp) if vp.mode == "online" else []
     report = _report(vp, table, online)
     report.timings["plan"] = round(time.perf_counter() - started, 4)
@@ -555,7 +604,7 @@ def convert_vlm(
         if opts.validate:
             mark = time.perf_counter()
             pieces = [(files, o.path) for o in outputs if o.model is not None for files in [staged[o.path]]]
-            report.validation = validate_vlm(paths, pieces, vp, _load_feeds(visual_feeds), opts)
+            report.validation = validate_vlm(paths, pieces, vp, feeds, opts)
             report.timings["validate"] = round(time.perf_counter() - mark, 4)
 
     write_outputs(outputs, protect=paths.inputs, validate=validate)  # staged together, committed together
@@ -643,8 +692,12 @@ def validate_vlm(
     }
     passed = result["backbone"]["rel_l2"] <= opts.threshold and result["backbone"]["argmax_agreement"] == 1.0
     if paths.visual is not None and vp.visual is not None and vp.visual.plan is not None:
-        result["visual"] = _validate_visual(paths.visual, rotated[paths.out(paths.visual)], vp, visual_feeds, opts)
-        passed &= result["visual"].get("rel_l2", 0.0) <= opts.threshold
+        feeds = visual_check_inputs(vp.visual, visual_feeds)
+        result["visual"] = _validate_visual(paths.visual, rotated[paths.out(paths.visual)], vp, feeds, opts)
+        passed &= result["visual"]["rel_l2"] <= opts.threshold
+    elif paths.visual is not None:
+        result["visual"] = {"checked": False, "why": "not rotated (R1 is applied online on the backbone's inputs): "
+                            "its weights are written unchanged, so there is nothing to compare"}
     result["passed"] = bool(passed)
     if not passed:
         raise ValidationFailedError(f"validation failed: {result}; no output written")
@@ -656,10 +709,8 @@ def _validate_visual(
 ) -> dict[str, Any]:
     from spinquant_onnx.core.equivalence import run_model
 
-    if feeds is None:
-        feeds, reason = _synthesize_visual(vp.visual.model)
-        if feeds is None:
-            return {"skipped": reason}
+    inputs = {name: {"shape": list(v.shape), **({"values": v.tolist()} if v.dtype.kind == "i" else {})}
+              for name, v in feeds.items()}
     expected, _ = run_model(original, feeds, opts.providers)
     actual, _ = run_model(rotated, feeds, opts.providers)
     rotated_outputs = {o for w in vp.visual.writers for o in w.outputs}
@@ -667,24 +718,60 @@ def _validate_visual(
     for name, value in expected.items():
         reference = vp.rotation.apply(value, -1) if name in rotated_outputs else value
         worst = max(worst, _rel_l2(reference, actual[name]))
-    return {"rel_l2": worst, "outputs_rotated": sorted(rotated_outputs)}
+    return {"rel_l2": worst, "outputs_rotated": sorted(rotated_outputs), "inputs": inputs}
 
 
 def _synthesize_visual(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray] | None, str]:
-    """Random float inputs when every input is float with a static shape; otherwise why not."""
+    """Random float inputs of static shape, and Qwen-VL's ``grid_thw`` made consistent with them; else why not."""
     initializers = {t.name for t in model.graph.initializer}
     rng = np.random.default_rng(0)
-    feeds = {}
+    feeds: dict[str, np.ndarray] = {}
+    grids = []
     for info in model.graph.input:
         if info.name in initializers:
             continue
         tensor_type = info.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
-        if tensor_type.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16) or None in dims:
-            return None, f"input '{info.name}' is not a float tensor of static shape: pass visual inputs (.npz)"
-        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        feeds[info.name] = rng.standard_normal(dims).astype(dtype)
+        if None in dims:
+            return None, f"input '{info.name}' has a dynamic shape {dims}"
+        if tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            feeds[info.name] = rng.standard_normal(dims).astype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        elif "grid" in info.name.lower() and len(dims) == 2 and dims[1] == 3:
+            grids.append((info, dims))
+        else:
+            return None, f"input '{info.name}' is neither a float tensor nor a [images, 3] grid_thw"
+    for info, dims in grids:
+        grid = _grid_for(feeds, dims[0])
+        if grid is None:
+            return None, f"no grid_thw for {dims[0]} image(s) matches the pixel input's rows"
+        feeds[info.name] = grid.astype(helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type))
     return feeds, ""
+
+
+def _grid_for(feeds: dict[str, np.ndarray], images: int) -> np.ndarray | None:
+    """``[[1, h, w]] * images`` with ``h * w`` the patch rows per image (h, w even: the 2x2 patch merger)."""
+    pixels = [v for v in feeds.values() if v.ndim == 2]
+    if len(pixels) != 1 or images < 1 or pixels[0].shape[0] % images:
+        return None
+    rows = pixels[0].shape[0] // images
+    sides = [h for h in range(2, int(np.sqrt(rows)) + 1, 2) if rows % h == 0 and (rows // h) % 2 == 0]
+    if not sides:
+        return None
+    return np.array([[1, sides[-1], rows // sides[-1]]] * images, dtype=np.int64)
+
+
+def visual_check_inputs(part: VisualPart, feeds: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The inputs the visual encoder's check will run on; refuses (before any work) when there are none, so a
+    check the user asked for never silently does not run."""
+    if feeds is not None:
+        return feeds
+    synthesized, reason = _synthesize_visual(part.model)
+    if synthesized is None:
+        raise InputError(
+            f"--validate cannot check the rotated visual encoder: {reason}; pass its inputs with "
+            "--visual-inputs FEEDS.npz (arrays named as the encoder's inputs), or drop --validate"
+        )
+    return synthesized
 
 
 def _rel_l2(expected: np.ndarray, actual: np.ndarray) -> float:

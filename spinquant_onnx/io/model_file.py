@@ -92,6 +92,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     size = path.stat().st_size
     if size == 0:
         raise InputError(f"{path}: empty file, not an ONNX model")
+    if path.suffix == ".data":
+        raise InputError(_data_file_message(path))
     if size > PROTOBUF_LIMIT:
         raise InputError(
             f"{path}: {size / 2**30:.1f} GiB is over protobuf's 2 GiB limit, so it cannot be one ONNX model; "
@@ -106,6 +108,30 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     check_model_structure(model, path)
     check_initializers(model, path.parent)
     return model
+
+
+def _data_file_message(path: Path) -> str:
+    """What to say when the external data file was passed instead of its model: name the model if it is found."""
+    stem = path.name.split(".onnx", 1)[0]
+    beside = sorted(path.parent.glob("*.onnx"), key=lambda p: (p.name.split(".onnx", 1)[0] != stem, p.name))
+    for candidate in beside[:32]:
+        try:
+            model = onnx.load(str(candidate), load_external_data=False)
+        except Exception:  # noqa: BLE001 - any unreadable neighbour is simply not the owner
+            continue
+        locations = {
+            entry.value
+            for tensor in model.graph.initializer
+            if tensor.data_location == TensorProto.EXTERNAL
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+        if path.name in locations:
+            return f"{path}: this is the external data file of {candidate}; pass {candidate.name} instead"
+    return (
+        f"{path}: looks like an external data file (raw tensor bytes), not an ONNX model; "
+        "pass the .onnx file that uses it"
+    )
 
 
 def check_model_structure(model: onnx.ModelProto, path: Path) -> None:

@@ -15,6 +15,7 @@ import onnx
 from spinquant_onnx.errors import UnsupportedGraphError
 from spinquant_onnx.graph.index import GraphIndex, Use, node_label
 from spinquant_onnx.graph.ops import LINEAR_OPS, QUANTIZED_OPS, SCALAR_OPS, SHAPE_ONLY_OPS, TRANSPARENT_OPS
+from spinquant_onnx.match.entry_route import Route, check_routes_closed, entry_route
 from spinquant_onnx.match.linears import Linear, behind_rows, linear_at, linear_writing, row_users, weight_behind
 from spinquant_onnx.match.norms import NormMatch, find_norms, norm_width
 
@@ -131,13 +132,6 @@ def _float_input_entries(index: GraphIndex, norm_inputs: dict[str, NormMatch]) -
     return found
 
 
-def _is_input_entry(index: GraphIndex, tensor: str, hidden: int) -> bool:
-    """A graph input of width ``hidden`` added into the stream enters it, as ``inputs_embeds`` does."""
-    source = index.see_through_back(tensor)
-    shape = index.static_shape(source)
-    return source in index.graph_inputs and bool(shape) and shape[-1] == hidden
-
-
 def trace_stream(index: GraphIndex) -> Stream:
     """Walk the graph in topological order, growing the set of residual-stream tensors."""
     _refuse_quantized(index)
@@ -152,6 +146,7 @@ def trace_stream(index: GraphIndex) -> Stream:
     norm_outputs = {norm.output: norm for norm in norms}
     events: list[Residual] = []
     seen_norms: set[int] = set()
+    routes: list[Route] = []
 
     for node in index.graph.node:
         stream_inputs = [name for name in node.input if name in stream]
@@ -168,8 +163,10 @@ def trace_stream(index: GraphIndex) -> Stream:
             continue
         if node.op_type == "Add" and len(node.input) == 2:
             for other in (name for name in node.input if name not in stream):
-                if embedding is None and _is_input_entry(index, other, hidden):  # Qwen3-VL deepstack features
-                    entries.append(index.see_through_back(other))
+                route = entry_route(index, other, node, hidden) if embedding is None else None
+                if route is not None:  # Qwen3-VL deepstack features, added directly or routed (entry_route.py)
+                    entries.extend(name for name in dict.fromkeys(route.inputs) if name not in entries)
+                    routes.append(route)
                 else:
                     events.extend(_write_event(index, other, node, hidden, norm_outputs))
             stream.add(node.output[0])
@@ -182,6 +179,7 @@ def trace_stream(index: GraphIndex) -> Stream:
             "RMSNorm, a residual Add or a shape op, so R1 cannot be absorbed exactly"
         )
     exits = _check_stream_closed(index, stream, events)
+    check_routes_closed(index, routes)
     return Stream(hidden, embedding, entries, events, stream, stream_centered(events), exits)
 
 

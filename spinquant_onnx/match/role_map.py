@@ -224,7 +224,9 @@ def _aliases(index: GraphIndex, names: set[str]) -> set[str]:
 def import_roles(index: GraphIndex, data: dict[str, Any]) -> tuple[Stream, Roles]:
     """Rebuild the stream a map describes, checking it against the graph before any rewrite."""
     data = read_roles(data)
-    hidden = int(data.get("hidden_size", 0))
+    hidden = data.get("hidden_size")
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0:
+        raise InputError(f"role map entry hidden_size: must be a positive integer, got {json.dumps(hidden)}")
     check = _Checker(index, hidden)
     embedding = check.embedding(data["embedding"]) if data.get("embedding") else None
     entries = list(data.get("entries", []))
