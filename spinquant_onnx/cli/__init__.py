@@ -1,4 +1,4 @@
-"""Command line: ``spinquant-onnx rotate``, ``inspect``, ``eval``, ``quantize``, ``rotate-vlm`` (one module each).
+"""Command line: ``rotate``, ``rotate-parts``, ``inspect``, ``eval``, ``quantize``, ``rotate-vlm`` (one module each).
 
 Every refusal is one line on stderr with exit code 2 (1 when validation fails); ``--debug`` adds the
 traceback. The input is never modified and a failed run leaves no output behind.
@@ -15,7 +15,7 @@ import traceback
 
 from spinquant_onnx import __version__
 from spinquant_onnx.cli import eval as eval_cli
-from spinquant_onnx.cli import inspect, learn, quantize, rotate
+from spinquant_onnx.cli import inspect, learn, quantize, rotate, rotate_parts
 from spinquant_onnx.cli import vlm as vlm_cli
 from spinquant_onnx.cli.common import quiet_runtime_logs, say
 from spinquant_onnx.errors import SpinQuantError
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spinquant-onnx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for command in (rotate, inspect, eval_cli, quantize, vlm_cli, learn):
+    for command in (rotate, rotate_parts, inspect, eval_cli, quantize, vlm_cli, learn):
         # --debug is accepted before or after the subcommand; SUPPRESS keeps the main parser's value otherwise
         command.add_parser(sub).add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"

@@ -11,7 +11,9 @@ if TYPE_CHECKING:  # the library loads on use: --help stays fast
     from spinquant_onnx.match.linears import Linear
 
 
-def _shape(analysis: Analysis, name: str) -> str:
+def _shape(analysis: Analysis, name: str | None) -> str:
+    if name is None or name not in analysis.store:  # no gamma (raw-stream readers, Olmo), or a Constant
+        return ""
     return "x".join(str(d) for d in analysis.store.shape(name))
 
 
@@ -30,18 +32,16 @@ def render(analysis: Analysis) -> str:
         rows.append(("-", "inputs_embeds", name, "", "graph input"))
     for block in roles.blocks:
         for part in block.parts:
-            rows.append(
-                (
-                    str(block.number),
-                    f"{part.kind} norm",
-                    part.norm.gamma,
-                    _shape(analysis, part.norm.gamma),
-                    part.norm.kind,
+            if part.norm is not None:
+                norm = part.norm
+                kind = norm.kind + (f", beta {norm.shift}" if norm.shift else "")
+                rows.append(
+                    (str(block.number), f"{part.kind} norm", norm.gamma or "-", _shape(analysis, norm.gamma), kind)
                 )
-            )
-            for entry in part.readers + ([part.writer] if part.writer else []):
+            for entry in part.readers + part.writers:
                 lin = entry.linear
                 detail = f"{lin.node.op_type} {_layout(lin)}" + (f" bias {lin.bias}" if lin.bias else "")
+                detail += f", {lin.experts} experts gathered per token" if lin.experts else ""
                 rows.append((str(block.number), entry.role, lin.weight, _shape(analysis, lin.weight), detail))
             if part.online_write is not None:
                 post = part.post_norm
@@ -56,7 +56,11 @@ def render(analysis: Analysis) -> str:
                 )
     if roles.final is not None:
         final = roles.final
-        rows.append(("-", "final norm", final.norm.gamma, _shape(analysis, final.norm.gamma), final.norm.kind))
+        if final.norm is None:
+            rows.append(("-", "no final norm", "", "", "lm_head reads the raw residual stream"))
+        else:
+            kind = final.norm.kind + (f", beta {final.norm.shift}" if final.norm.shift else "")
+            rows.append(("-", "final norm", final.norm.gamma or "-", _shape(analysis, final.norm.gamma), kind))
         for entry in final.readers:
             lin = entry.linear
             rows.append(
@@ -65,7 +69,8 @@ def render(analysis: Analysis) -> str:
     header = ("block", "role", "tensor", "shape", "how")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
-        f"hidden size {stream.hidden}, {len(roles.blocks)} blocks, {len(stream.norms)} RMSNorms on the stream, "
+        f"hidden size {stream.hidden}, {len(roles.blocks)} blocks, {len(stream.norms)} "
+        f"{'LayerNorms (stream centred)' if stream.centered else 'RMSNorms'} on the stream, "
         f"{len(stream.writers)} writers"
         + (
             f" ({sum(1 for w in stream.writers if w.online)} rotated online)"

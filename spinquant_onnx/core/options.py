@@ -31,6 +31,9 @@ class Options:
     # Stream entries that are graph inputs (inputs_embeds): rotate them "online" (a MatMul node), or leave
     # them to the caller, who rotates what feeds them ("external": the VLM path rotates the table itself).
     entries: str = "online"
+    # Stream tensors that are graph outputs (a layer slice): rotate them back "online" (R^T before the
+    # output, so the part alone computes what it did), or leave them "rotated" for the next part (rotate-parts).
+    exits: str = "online"
     r2: bool = False
     r3: bool = False
     r4: bool = False

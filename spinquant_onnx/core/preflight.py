@@ -80,7 +80,7 @@ def check_plan(model: onnx.ModelProto, store: TensorStore, plan: TensorPlan) -> 
                 f"{[d if d is not None else '?' for d in graph_shape]}; the file is inconsistent"
             )
         for op in target.ops:
-            if op.kind == "fill":
+            if op.kind in ("fill", "center"):
                 continue
             width = op.rotation.n if op.rotation is not None else int(np.size(op.vector))
             if not -len(shape) <= op.axis < len(shape) or shape[op.axis] != width:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from spinquant_onnx.graph.ops import SHAPE_ONLY_OPS, TRANSPARENT_OPS
+from spinquant_onnx.graph.ops import FOLDABLE_OPS, SHAPE_ONLY_OPS, TRANSPARENT_OPS
 from spinquant_onnx.io.tensor_store import TensorStore
 
 SMALL_CONSTANT = 4096
@@ -59,6 +59,10 @@ class GraphIndex:
             self._memo[key] = hit
         return hit[1]
 
+    def refresh(self) -> None:
+        """Re-read the graph in place after a rewrite replaced nodes (holders of this index see the new state)."""
+        self.__init__(self.model, self.store)
+
     def rebuild(self) -> GraphIndex:
         return GraphIndex(self.model, self.store)
 
@@ -69,12 +73,14 @@ class GraphIndex:
         return name in self.store
 
     def constant(self, name: str) -> np.ndarray | None:
-        """Value of a small constant (initializer or Constant node output), else None."""
+        """Value of a small constant (initializer, Constant node output, or a foldable op of those), else None."""
         if name in self.store:
             if self.store.nbytes(name) > SMALL_CONSTANT * 8:
                 return None
             return np.asarray(self.store.array(name))
         node = self.producer.get(name)
+        if node is not None and node.op_type in FOLDABLE_OPS:
+            return self._folded(node)
         if node is not None and node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
@@ -88,6 +94,28 @@ class GraphIndex:
                 if attr.name == "value_ints":
                     return np.array(list(attr.ints), dtype=np.int64)
         return None
+
+    def _folded(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """A FOLDABLE_OPS node whose inputs are all small constants, evaluated (None otherwise)."""
+        values = [self.constant(name) if name else None for name in node.input]
+        if not values or values[0] is None or any(v is None and n for v, n in zip(values, node.input, strict=True)):
+            return None
+        x = values[0]
+        if node.op_type in ("Identity",):
+            return x
+        if node.op_type == "Cast":
+            return x.astype(onnx.helper.tensor_dtype_to_np_dtype(self.attr(node, "to")))
+        if node.op_type == "CastLike":
+            return x.astype(values[1].dtype)
+        if node.op_type == "Reshape":
+            shape = [int(d) for d in values[1].reshape(-1)]
+            shape = [x.shape[i] if d == 0 and not self.attr(node, "allowzero", 0) else d for i, d in enumerate(shape)]
+            return x.reshape(shape)
+        axes = self.attr(node, "axes")
+        axes = [int(a) for a in (values[1].reshape(-1) if axes is None and len(values) > 1 else axes or [])]
+        if node.op_type == "Squeeze":
+            return np.squeeze(x, axis=tuple(axes)) if axes else np.squeeze(x)
+        return np.expand_dims(x, axis=tuple(axes))
 
     def scalar(self, name: str) -> float | None:
         value = self.constant(name)
@@ -208,6 +236,12 @@ WEIGHTLESS_KEEP = 4096
 """Initializers up to this many elements keep their values in a weightless view (shapes, axes, scalars)."""
 
 
+def _has_values(tensor: onnx.TensorProto, count: int) -> bool:
+    """False for a plan's placeholder clone (rewrite/plan.py), whose values are written only at save time."""
+    fields = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+    return count == 0 or any(len(getattr(tensor, field)) for field in fields)
+
+
 def weightless_view(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model's graph with large initializers replaced by typed graph inputs: no weight bytes copied.
 
@@ -227,7 +261,8 @@ def weightless_view(model: onnx.ModelProto) -> onnx.ModelProto:
     declared = {i.name for i in source.input}
     for tensor in source.initializer:
         count = int(np.prod(tensor.dims)) if tensor.dims else 1
-        if count <= WEIGHTLESS_KEEP and tensor.data_location != onnx.TensorProto.EXTERNAL:
+        inline = count <= WEIGHTLESS_KEEP and tensor.data_location != onnx.TensorProto.EXTERNAL
+        if inline and _has_values(tensor, count):
             graph.initializer.append(tensor)
         elif tensor.name not in declared:
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))

@@ -10,6 +10,9 @@ from __future__ import annotations
 TRANSPARENT_OPS = frozenset({"Identity", "Cast", "QcQuantizeOp"})
 # What the declarative pattern matcher (match/pattern.py) steps through between two pattern nodes.
 PASS_THROUGH = frozenset({"QcQuantizeOp", "Identity"})
+# Ops folded when every input is a constant (dynamo's optimize=False graphs compute axes and exponents
+# with them): ``GraphIndex.constant`` sees through them.
+FOLDABLE_OPS = frozenset({"Reshape", "Cast", "CastLike", "Identity", "Squeeze", "Unsqueeze"})
 # Ops whose output does not depend on the values of their input.
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 
@@ -43,7 +46,8 @@ LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand"
 # Layout ops between a key's rotary output and the scores MatMul (R3's key path).
 KEY_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Tile", "Concat"})
 # Ops between the scores MatMul and the probabilities that do not mix the head axis (Tanh: Gemma2's soft-capping).
-SCORE_OPS = frozenset({"Mul", "Div", "Add", "Where", "Cast", "Softmax", "Tanh"})
+# Concat and Sub: gpt-oss appends its attention sinks to the scores and subtracts their row max.
+SCORE_OPS = frozenset({"Mul", "Div", "Add", "Sub", "Where", "Cast", "Softmax", "Concat", "Tanh"})
 # Ops between a VLM merger projection and a visual output that move whole rows of the hidden axis around
 # (window un-permutation, stacking, reshapes) and so commute with ``x -> x @ R`` on that axis.
 ROW_OPS = frozenset({"Gather", "Concat", "Reshape", "Unsqueeze", "Squeeze", "Transpose"})

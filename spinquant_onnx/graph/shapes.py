@@ -81,3 +81,16 @@ def tensor_elem_type(index: GraphIndex, tensor: str) -> int:
 def activation_type(index: GraphIndex, node: onnx.NodeProto) -> int:
     """Element type of a MatMul/Gemm's activations (its first input): declared, else inferred (#13)."""
     return tensor_elem_type(index, node.input[0])
+
+
+def tensor_type(index: GraphIndex, tensor: str) -> int:
+    """Element type value_info declares for ``tensor``; float32 when it declares none."""
+    info = index.value_info.get(tensor)
+    if info is not None and info.type.tensor_type.elem_type:
+        return info.type.tensor_type.elem_type
+    return onnx.TensorProto.FLOAT
+
+
+def shape_of(index: GraphIndex, name: str) -> tuple[int | None, ...] | None:
+    """The declared shape of ``name``, else the inferred one, else None (rank unknown)."""
+    return inferred_shape(index, name)

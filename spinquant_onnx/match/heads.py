@@ -104,7 +104,11 @@ def partial_values(index: GraphIndex, name: str, depth: int = 0) -> list[int | N
         if any(p is None for p in parts):
             return None
         return [v for p in parts for v in p]
-    if node.op_type == "Unsqueeze":  # a scalar made 1-D: one element, constant or not
+    target = index.constant(node.input[1]) if node.op_type == "Reshape" else None
+    if target is not None and target.reshape(-1).tolist() == [-1]:  # flattened (dynamo's optimize=False)
+        return partial_values(index, node.input[0], depth + 1)
+    if node.op_type == "Unsqueeze" or (target is not None and target.reshape(-1).tolist() == [1]):
+        # a scalar made 1-D: one element, constant or not
         inner = partial_values(index, node.input[0], depth + 1)
         return inner if inner is not None and len(inner) == 1 else [None]
     if node.op_type == "Shape":
@@ -621,7 +625,10 @@ def attention_sites(index: GraphIndex, roles: Roles) -> list[AttentionSite]:
                 continue
             where = f"attention block {block.number}"
             if part.writer is None:
-                raise UnsupportedGraphError(f"{where}: no o_proj writer found")
+                raise UnsupportedGraphError(
+                    f"{where}: no o_proj writer found (a parallel attention+MLP block, as in GPT-NeoX, adds both "
+                    "sub-blocks at once and is not split yet); drop --r2/--r3"
+                )
             refuse_latent_attention(index, part, where)
             projections = _projections(index, part)
             geometry, fused = head_geometry(index, part, projections, part.writer.linear, norms_by_input, where)

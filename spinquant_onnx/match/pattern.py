@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from spinquant_onnx.graph.index import GraphIndex
-from spinquant_onnx.graph.ops import PASS_THROUGH, TRANSPARENT_OPS
+from spinquant_onnx.graph.ops import FOLDABLE_OPS, PASS_THROUGH, TRANSPARENT_OPS
 
 # Nodes a chain may carry on any edge without changing its meaning.
 
@@ -102,7 +102,7 @@ def match(index: GraphIndex, pattern: Pattern, tensor: str, state: Match | None 
         if (
             value is None
             or index.producer.get(tensor) is not None
-            and index.producer[tensor].op_type != "Constant"
+            and index.producer[tensor].op_type not in ("Constant", *FOLDABLE_OPS)
         ):
             return None
         if pattern.test is not None and not pattern.test(value):

@@ -15,19 +15,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from spinquant_onnx.errors import InputError
+from spinquant_onnx.errors import InputError, UnsupportedGraphError
 from spinquant_onnx.graph.index import GraphIndex
 from spinquant_onnx.graph.ops import SCALAR_OPS, TRANSPARENT_OPS
-from spinquant_onnx.match.linears import Linear, linear_at, weight_behind
+from spinquant_onnx.match.linears import Linear, behind_rows, expert_linear_at, linear_at, weight_behind
 from spinquant_onnx.match.norms import NormMatch, find_norms
-from spinquant_onnx.match.residual import Embedding, Residual, Stream
+from spinquant_onnx.match.residual import Embedding, Residual, Stream, stream_centered
 from spinquant_onnx.match.roles import Roles, assign_roles
+from spinquant_onnx.match.routing import routed_writers
 
 SCHEMA = "spinquant-onnx/roles"
 VERSION = 1
 
 
 def _layout(linear: Linear) -> str:
+    if linear.experts:
+        return "[E,in,out]" if linear.in_axis == 1 else "[E,out,in]"
     return "[in,out]" if linear.in_axis == 0 else "[out,in]"
 
 
@@ -43,6 +46,7 @@ def _linear_entry(role: str, linear: Linear) -> dict[str, Any]:
         "out_features": linear.out_features,
         "bias": linear.bias,
         "output": linear.output,
+        **({"experts": linear.experts} if linear.experts else {}),
     }
 
 
@@ -55,7 +59,9 @@ def _norm_entry(norm: NormMatch, store) -> dict[str, Any]:
         "gamma_offset": norm.gamma_offset,
         "sum_output": norm.sum_output,
         "bias": norm.bias,
-        "shape": list(store.shape(norm.gamma)),
+        "shape": [norm.width] if norm.width is not None else list(store.shape(norm.gamma)),
+        # A LayerNorm: the stream is centred, the norm becomes an RMSNorm, beta ("shift") goes into the readers' biases.
+        **({"centered": True, "shift": norm.shift, "eps": norm.eps} if norm.centered else {}),
     }
 
 
@@ -70,11 +76,23 @@ def export_roles(index: GraphIndex, stream: Stream, roles: Roles) -> dict[str, A
                 "norm": _norm_entry(event.norm, index.store),
                 "readers": [_linear_entry(role_of.get(id(lin), "reader"), lin) for lin in event.readers],
             })
+        elif event.kind == "read":
+            residual.append({
+                "kind": "read",
+                "input": event.input,
+                "readers": [_linear_entry(role_of.get(id(lin), "reader"), lin) for lin in event.readers],
+            })
         elif event.online is not None:
             residual.append({
                 "kind": "write",
                 "online": event.online,
                 "post_norm": _norm_entry(event.online_norm, index.store),
+                "add_output": event.add.output[0],
+            })
+        elif event.table is not None:  # learned position embeddings: a table row added into the stream
+            residual.append({
+                "kind": "write",
+                "table": {"gather_output": event.table.output, "table": event.table.table},
                 "add_output": event.add.output[0],
             })
         else:
@@ -145,9 +163,10 @@ class _Checker:
         node = self.index.producer.get(entry.get("node_output", ""))
         if node is None:
             raise self.fail(where, f"no node produces '{entry.get('node_output')}'")
-        found = linear_at(self.index, node)
+        found = linear_at(self.index, node) if not entry.get("experts") else expert_linear_at(self.index, node)
         if found is None:
-            raise self.fail(where, f"node '{node.name or node.output[0]}' is not a MatMul/Gemm with a constant weight")
+            raise self.fail(where, f"node '{node.name or node.output[0]}' is not a MatMul/Gemm with a constant weight"
+                            + (" gathered per expert" if entry.get("experts") else ""))
         if entry.get("weight") != found.weight:
             raise self.fail(where, f"weight is '{found.weight}' in the graph, not '{entry.get('weight')}'")
         if entry.get("layout", _layout(found)) != _layout(found):
@@ -234,11 +253,13 @@ def import_roles(index: GraphIndex, data: dict[str, Any]) -> tuple[Stream, Roles
         where = f"residual[{number}]"
         if item.get("kind") == "norm":
             events.append(_norm_event(index, check, item, where, stream, given))
+        elif item.get("kind") == "read":
+            events.append(_read_event(check, item, where, stream, given))
         elif item.get("kind") == "write":
             events.append(_write_event(index, check, item, where, stream, given))
         else:
-            raise check.fail(where, f"kind must be 'norm' or 'write', not {item.get('kind')!r}")
-    result = Stream(hidden, embedding, entries, events, stream)
+            raise check.fail(where, f"kind must be 'norm', 'read' or 'write', not {item.get('kind')!r}")
+    result = Stream(hidden, embedding, entries, events, stream, stream_centered(events))
     return result, assign_roles(index, result, given)
 
 
@@ -261,6 +282,28 @@ def _norm_event(
     return Residual("norm", norm=norm, readers=readers)
 
 
+def _routed_or_none(index: GraphIndex, tensor: str, add, hidden: int) -> list[Linear]:
+    try:
+        return routed_writers(index, tensor, add, hidden)
+    except UnsupportedGraphError:
+        return []
+
+
+def _read_event(
+    check: _Checker, item: dict[str, Any], where: str, stream: set[str], given: dict[str, str]
+) -> Residual:
+    """A map's raw-stream read (lm_head with no final norm): linears taking a stream tensor as it is."""
+    tensor = item.get("input", "")
+    if tensor not in stream:
+        raise check.fail(where, f"'{tensor}' is not a residual stream tensor")
+    readers = []
+    for slot, reader in enumerate(item.get("readers", [])):
+        found = check.linear(reader, f"{where}.readers[{slot}]", reader=True)
+        given[found.node.output[0]] = reader.get("role", "reader")
+        readers.append(found)
+    return Residual("read", readers=readers, input=tensor)
+
+
 def _write_event(
     index: GraphIndex, check: _Checker, item: dict[str, Any], where: str, stream: set[str], given: dict[str, str]
 ) -> Residual:
@@ -271,7 +314,12 @@ def _write_event(
     operands = [index.see_through_back(name) for name in add.input[:2]]
     if not any(name in stream for name in add.input[:2]):
         raise check.fail(where, f"Add '{add.output[0]}' does not read the residual stream")
-    if "online" in item:
+    if "table" in item:
+        table = check.embedding(item["table"])
+        if table.output not in operands:
+            raise check.fail(where, f"Add '{add.output[0]}' does not read table rows '{table.output}'")
+        event = Residual("write", add=add, table=table)
+    elif "online" in item:
         online = item["online"]
         post = check.norms.get(item.get("post_norm", {}).get("output", online))
         if index.see_through_back(online) not in operands or post is None:
@@ -280,8 +328,13 @@ def _write_event(
     else:
         writer = check.linear(item.get("writer", {}), f"{where}.writer", reader=False)
         given[writer.node.output[0]] = item["writer"].get("role", "writer")
-        if writer.output not in operands and index.see_through_back(writer.output) not in operands:
-            raise check.fail(where, f"Add '{add.output[0]}' does not read writer output '{writer.output}'")
+        behind = {behind_rows(index, name, check.hidden) for name in add.input[:2]}  # GPT-2's Gemm + Reshape
+        if writer.output not in operands and index.see_through_back(writer.output) not in {*operands, *behind}:
+            routed = {lin.node.output[0]: lin for name in add.input[:2] if name not in stream
+                      for lin in _routed_or_none(index, name, add, check.hidden)}
+            if writer.node.output[0] not in routed:  # MoE: the writer reaches the Add through token routing
+                raise check.fail(where, f"Add '{add.output[0]}' does not read writer output '{writer.output}'")
+            writer = routed[writer.node.output[0]]  # with a gathered expert bias, if any
         event = Residual("write", writer=writer, add=add)
     if add.op_type == "Add":
         stream |= _aliases(index, {add.output[0]})

@@ -30,11 +30,21 @@ class RoleEntry:
 @dataclass
 class SubBlock:
     kind: str  # "attention" | "mlp" | "final" | "unknown"
-    norm: NormMatch
+    norm: NormMatch | None  # None: the readers take the raw stream (no final norm)
     readers: list[RoleEntry] = field(default_factory=list)
     writer: RoleEntry | None = None
+    more_writers: list[RoleEntry] = field(default_factory=list)  # MoE: every expert/shared down after the first
     online_write: str | None = None  # the tensor rotated online where a sandwich norm feeds the Add
     post_norm: NormMatch | None = None
+
+    @property
+    def writers(self) -> list[RoleEntry]:
+        return ([self.writer] if self.writer else []) + self.more_writers
+
+    @property
+    def experts(self) -> int:
+        """How many experts this sub-block routes tokens to (0: dense)."""
+        return max((entry.linear.experts for entry in self.readers + self.writers), default=0)
 
     @property
     def closed(self) -> bool:
@@ -54,9 +64,7 @@ class Roles:
     embedding: str | None
 
     def all_linears(self) -> list[RoleEntry]:
-        entries = [
-            r for b in self.blocks for p in b.parts for r in p.readers + ([p.writer] if p.writer else [])
-        ]
+        entries = [r for b in self.blocks for p in b.parts for r in p.readers + p.writers]
         if self.final is not None:
             entries += self.final.readers
         return entries
@@ -130,6 +138,27 @@ def mlp_role(index: GraphIndex, linear: Linear, siblings: list[Linear], stop: fr
     return "mlp_in"
 
 
+def is_router(index: GraphIndex, linear: Linear, stop: frozenset[str]) -> bool:
+    """An MoE router: a dense reader whose scores pick experts (a TopK close behind it)."""
+    return not linear.experts and any(n.op_type == "TopK" for n, _, _ in _forward(index, linear.output, 24, stop))
+
+
+def _moe_roles(index: GraphIndex, part: SubBlock, stop: frozenset[str]) -> None:
+    """Roles in a mixture-of-experts MLP: router, experts' gate/up/down, shared experts and their gate."""
+    experts = [e for e in part.readers if e.linear.experts]
+    dense = [e for e in part.readers if not e.linear.experts and e.role != "router"]
+    for entry in dense:
+        if entry.linear.out_features == 1:
+            entry.role = "shared_expert_gate"  # Qwen2-MoE: sigmoid(x W) scales the shared expert's output
+    shared = [e for e in dense if e.role != "shared_expert_gate"]
+    for group, prefix in ((experts, "expert_"), (shared, "shared_" if experts else "")):
+        linears = [e.linear for e in group]
+        for entry in group:
+            entry.role = prefix + mlp_role(index, entry.linear, linears, stop)
+    for entry in part.writers:
+        entry.role = "expert_down" if entry.linear.experts else ("shared_down" if experts else "down")
+
+
 ATTENTION_ROLES = frozenset({"q", "k", "v", "qkv", "qk", "qv", "kv", "attn_in"})
 
 
@@ -141,10 +170,13 @@ def assign_roles(index: GraphIndex, stream: Stream, given: dict[str, str] | None
     """
     parts: list[SubBlock] = []
     current: SubBlock | None = None
+    last_add = None
     for event in stream.events:
-        if event.kind == "norm":
+        if event.kind in ("norm", "read"):
             current = SubBlock("unknown", event.norm, [RoleEntry("reader", lin) for lin in event.readers])
             parts.append(current)
+        elif current is not None and current.closed and event.add is last_add and event.writer is not None:
+            current.more_writers.append(RoleEntry("writer", event.writer))  # one Add, several writers (MoE)
         elif current is not None and not current.closed:
             if event.online is not None:
                 current.online_write, current.post_norm = event.online, event.online_norm
@@ -155,6 +187,7 @@ def assign_roles(index: GraphIndex, stream: Stream, given: dict[str, str] | None
                     current.writer = RoleEntry("writer", inner)
             else:
                 current.writer = RoleEntry("writer", event.writer)
+            last_add = event.add
     final = parts.pop() if parts and not parts[-1].closed else None
     if given is not None:
         _apply_given(parts, final, given)
@@ -176,13 +209,19 @@ def _infer(index: GraphIndex, stream: Stream, parts: list[SubBlock], final: SubB
     # Searches stay inside their sub-block: never through the stream or a stream norm into the next one.
     stop = frozenset(stream.tensors) | {event.norm.output for event in stream.norms}
     for part in parts:
-        linears = [entry.linear for entry in part.readers]
+        for entry in part.readers:
+            if is_router(index, entry.linear, stop):
+                entry.role = "router"
+        linears = [entry.linear for entry in part.readers if entry.role != "router"]
         if any(reaches_attention(index, lin, stop) for lin in linears):
             part.kind = "attention"
             for entry in part.readers:
                 entry.role = attention_role(index, entry.linear, stop) or "attn_in"
             if part.writer:
                 part.writer.role = "o"
+        elif part.experts or len(linears) < len(part.readers):
+            part.kind = "mlp"
+            _moe_roles(index, part, stop)
         else:
             part.kind = "mlp"
             for entry in part.readers:
@@ -197,7 +236,7 @@ def _infer(index: GraphIndex, stream: Stream, parts: list[SubBlock], final: SubB
 
 def _apply_given(parts: list[SubBlock], final: SubBlock | None, given: dict[str, str]) -> None:
     for part in [*parts, *([final] if final else [])]:
-        for entry in part.readers + ([part.writer] if part.writer else []):
+        for entry in part.readers + part.writers:
             entry.role = given.get(entry.linear.node.output[0], entry.role)
         roles = {entry.role for entry in part.readers}
         part.kind = "attention" if roles & ATTENTION_ROLES else "mlp"

@@ -33,6 +33,7 @@ class PassOptions(Protocol):
     seed: int
     block_size: int | None
     entries: str
+    exits: str
     r2: bool
     r3: bool
     r4: bool

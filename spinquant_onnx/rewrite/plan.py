@@ -33,7 +33,7 @@ THREADS_ENV = "SPINQUANT_THREADS"
 class TensorOp:
     """One float64 operation on one axis of a tensor."""
 
-    kind: str  # "scale" | "rotate" | "rotate_t" | "fill"
+    kind: str  # "scale" | "rotate" | "rotate_t" | "fill" | "center" | "shift"
     axis: int = 0
     vector: np.ndarray | None = None
     rotation: Rotation | None = None
@@ -56,6 +56,16 @@ class TensorOp:
                 values *= factor
                 return values
             return values * factor
+        if self.kind == "center":  # x <- x (I - 11^T/n) along the axis: each row loses its mean
+            mean = values.mean(axis=self.axis, keepdims=True)
+            if owned:
+                values -= mean
+                return values
+            return values - mean
+        if self.kind == "shift":  # add a vector along the axis (a LayerNorm's beta moved into a bias)
+            shape = [1] * values.ndim
+            shape[self.axis] = -1
+            return values + self.vector.astype(work).reshape(shape)
         if self.kind == "rotate":
             return self.rotation.apply(values, self.axis, dtype=work, overwrite=owned)
         if self.kind == "rotate_t":
@@ -65,6 +75,14 @@ class TensorOp:
 
 def scale(axis: int, vector: np.ndarray, note: str = "") -> TensorOp:
     return TensorOp("scale", axis, vector=np.asarray(vector, dtype=np.float64), note=note)
+
+
+def center(axis: int, note: str = "") -> TensorOp:
+    return TensorOp("center", axis, note=note)
+
+
+def shift(axis: int, vector: np.ndarray, note: str = "") -> TensorOp:
+    return TensorOp("shift", axis, vector=np.asarray(vector, dtype=np.float64), note=note)
 
 
 def rotate(axis: int, rotation: Rotation, note: str = "") -> TensorOp:

@@ -8,12 +8,15 @@ the input axis of a reader.
 
 from __future__ import annotations
 
+import numpy as np
+
+from spinquant_onnx.errors import UnsupportedGraphError
 from spinquant_onnx.graph.index import GraphIndex
 from spinquant_onnx.graph.shapes import tensor_elem_type
 from spinquant_onnx.match.residual import Stream
 from spinquant_onnx.rewrite.base import PassContext, register
 from spinquant_onnx.rewrite.online import OnlineRotation, insert_online_rotation
-from spinquant_onnx.rewrite.plan import TensorPlan, rotate
+from spinquant_onnx.rewrite.plan import TensorPlan, center, rotate
 from spinquant_onnx.rotation.kinds import Rotation, make_rotation
 
 
@@ -44,13 +47,24 @@ def insert_online_writes(index: GraphIndex, stream: Stream, rotation: Rotation) 
     return inserted
 
 
+class CenteredRotation:
+    """``(I - 11^T/n) R``: what a LayerNorm stream's entry needs (centre, as every writer is, then rotate)."""
+
+    def __init__(self, rotation: Rotation) -> None:
+        self.rotation = rotation
+
+    def matrix(self) -> np.ndarray:
+        dense = np.asarray(self.rotation.matrix(), dtype=np.float64)
+        return dense - dense.mean(axis=0, keepdims=True)
+
+
 def insert_online_entries(index: GraphIndex, stream: Stream, rotation: Rotation) -> list[OnlineRotation]:
     """R1 on each graph input that feeds the stream (``inputs_embeds``): nothing upstream can absorb it here."""
     return [
         insert_online_rotation(
             index,
             entry,
-            rotation,
+            CenteredRotation(rotation) if stream.centered else rotation,
             transpose=False,
             elem_type=tensor_elem_type(index, entry),
             reason="R1 on a residual-stream graph input (no embedding table in this graph)",
@@ -59,24 +73,61 @@ def insert_online_entries(index: GraphIndex, stream: Stream, rotation: Rotation)
     ]
 
 
+def insert_online_exits(index: GraphIndex, stream: Stream, rotation: Rotation) -> list[OnlineRotation]:
+    """R1^T before each stream graph output (a layer slice), so the part alone computes what it did."""
+    inserted = []
+    for name in stream.exits:
+        producer = index.producer[name]
+        inner = f"{name}.spinquant.rotated"
+        producer.output[list(producer.output).index(name)] = inner
+        for use in index.users(name):
+            use.node.input[use.index] = inner
+        index.producer[inner] = producer
+        index.consumers[inner] = index.consumers.pop(name, [])
+        del index.producer[name]
+        online = insert_online_rotation(
+            index, inner, rotation, transpose=True, elem_type=tensor_elem_type(index, name),
+            reason="R1^T on a residual-stream graph output (the next part expects the original basis)",
+            readers=[],
+        )
+        online.node.output[0] = name
+        index.graph.node[list(index.graph.node).index(producer) + 1].output[0] = name
+        inserted.append(online)
+    return inserted
+
+
+def check_stream_ends(stream: Stream, options) -> None:
+    """A LayerNorm stream cannot leave the graph unrotated: its centring changed it (by a per-token constant)."""
+    if stream.exits and stream.centered and options.exits == "online":
+        raise UnsupportedGraphError(
+            f"residual stream tensor '{stream.exits[0]}' is a graph output of a LayerNorm model: centring the "
+            "stream changes it; rotate all parts of the model together with `spinquant-onnx rotate-parts`"
+        )
+
+
 def plan_r1(stream: Stream, rotation: Rotation, plan: TensorPlan) -> int:
     """Add R1's operations to ``plan``; returns how many weight uses were rotated."""
     count = 0
-    if stream.embedding is not None:
-        emb = stream.embedding
-        plan.add(emb.table, emb.table_use, [rotate(emb.hidden_axis, rotation, "R1")], "embedding")
+
+    def write(axis: int) -> list:  # a LayerNorm stream's writers are centred first (rewrite/layernorm.py)
+        return [center(axis, "LayerNorm centring")] * stream.centered + [rotate(axis, rotation, "R1")]
+
+    tables = [stream.embedding] if stream.embedding is not None else []
+    tables += [event.table for event in stream.writers if event.table is not None]
+    for emb in tables:
+        plan.add(emb.table, emb.table_use, write(emb.hidden_axis), "embedding")
         count += 1
     for event in stream.writers:
-        if event.online is not None:
+        if event.online is not None or event.table is not None:
             continue
         writer = event.writer
-        plan.add(writer.weight, writer.weight_use, [rotate(writer.out_axis, rotation, "R1")], "writer")
+        plan.add(writer.weight, writer.weight_use, write(writer.out_axis), "writer")
         if writer.bias is not None:
-            plan.add(writer.bias, writer.bias_use, [rotate(writer.bias_axis, rotation, "R1")], "writer bias")
+            plan.add(writer.bias, writer.bias_use, write(writer.bias_axis), "writer bias")
         count += 1
-    for event in stream.norms:
+    for event in stream.reading:
         norm = event.norm
-        if norm.bias is not None:
+        if norm is not None and norm.bias is not None:
             plan.add(norm.bias, norm.bias_use, [rotate(0, rotation, "R1")], "skip-norm bias")
         for linear in event.readers:
             plan.add(linear.weight, linear.weight_use, [rotate(linear.in_axis, rotation, "R1")], "reader")
@@ -103,6 +154,7 @@ class R1:
         return True
 
     def check(self, ctx: PassContext) -> None:
+        check_stream_ends(ctx.analysis.stream, ctx.options)
         ctx.rotation = choose_r1(ctx)
 
     def apply(self, ctx: PassContext, checked: None) -> None:
@@ -129,4 +181,6 @@ class R1Online:
         online = insert_online_writes(index, stream, ctx.rotation)
         if ctx.options.entries == "online":
             online += insert_online_entries(index, stream, ctx.rotation)
+        if getattr(ctx.options, "exits", "online") == "online":
+            online += insert_online_exits(index, stream, ctx.rotation)
         ctx.online += [o.describe() for o in online]

@@ -1,5 +1,8 @@
 """R4: an online Hadamard on down_proj's input, its inverse absorbed into down_proj's weight.
 
+MoE experts' down stacks ``[E, H, I]`` take the same rotation on their I axis, for every expert at once;
+the Hadamard goes on the gathered tokens' activations just before they are made columns.
+
 The inserted node computes ``x' = x H`` (orthonormal H of order intermediate); down_proj then needs
 ``W' = H^T W`` so that ``x' W' = x W``. That is ``Rotation.apply`` on W's input axis, the same operation R1
 does on a reader. The node goes in front of the quantizer an AIMET sim puts on the activation (if any),
@@ -9,6 +12,8 @@ so the quantizer sees the rotated activation it is meant to.
 from __future__ import annotations
 
 from typing import Any
+
+import onnx
 
 from spinquant_onnx.errors import UnsupportedGraphError, UnsupportedSizeError
 from spinquant_onnx.graph.index import GraphIndex
@@ -22,16 +27,20 @@ from spinquant_onnx.rotation.hadamard import decompose, largest_supported_diviso
 from spinquant_onnx.rotation.kinds import make_rotation
 
 
-def prepare_r4(roles: Roles) -> list[tuple[int, Linear]]:
-    """Every (block, down_proj) to rotate, checked before the graph is touched."""
+def prepare_r4(roles: Roles, index: GraphIndex) -> list[tuple[int, Linear]]:
+    """Every (block, down_proj) to rotate, MoE experts' and shared experts' included, checked first."""
     downs = [
-        (block.number, part.writer.linear)
+        (block.number, entry.linear)
         for block in roles.blocks
         for part in block.parts
-        if part.kind == "mlp" and part.writer is not None
+        if part.kind == "mlp"
+        for entry in part.writers
     ]
     if not downs:
-        raise UnsupportedGraphError("R4: no MLP down projection found")
+        raise UnsupportedGraphError(
+            "R4: no MLP down projection found (a parallel attention+MLP block, as in Phi-2 or Cohere, is not "
+            "split into its sub-blocks yet); drop --r4"
+        )
     for number, down in downs:
         if decompose(down.in_features) is None:
             d = largest_supported_divisor(down.in_features)
@@ -39,7 +48,32 @@ def prepare_r4(roles: Roles) -> list[tuple[int, Linear]]:
                 f"R4: no Hadamard matrix of order {down.in_features} (the input of down_proj {down.label}, "
                 f"block {number}); the largest order dividing it that has one is {d}; drop --r4"
             )
+        if down.experts and down.activation_slot == 1 and _column_unsqueeze(index, down) is None:
+            raise UnsupportedGraphError(
+                f"R4: the experts' down projection {down.label} (block {number}) does not take its input as an "
+                "Unsqueeze of the activations, so there is no place for the online Hadamard: drop --r4"
+            )
     return downs
+
+
+def _activation_edge(index: GraphIndex, down: Linear) -> tuple[onnx.NodeProto, int]:
+    """Where the online Hadamard goes: down_proj's activation edge, or, for column-form experts
+    (``W[idx] @ x[..., None]``), the edge into that Unsqueeze, where x still has I on its last axis."""
+    column = _column_unsqueeze(index, down)
+    if column is not None:
+        return column, 0
+    edge = index.source_edge(down.node, down.activation_slot)
+    return edge.node, edge.index
+
+
+def _column_unsqueeze(index: GraphIndex, down: Linear) -> onnx.NodeProto | None:
+    """The Unsqueeze turning an expert's [.., I] activations into the [.., I, 1] column it multiplies."""
+    if not down.experts or down.activation_slot != 1:
+        return None
+    node = index.producer.get(index.see_through_back(down.node.input[1]))
+    if node is None or node.op_type != "Unsqueeze" or len(index.value_users(node.output[0])) != 1:
+        return None
+    return node
 
 
 def insert_r4(index: GraphIndex, downs: list[tuple[int, Linear]], plan: TensorPlan) -> list[dict[str, Any]]:
@@ -48,14 +82,14 @@ def insert_r4(index: GraphIndex, downs: list[tuple[int, Linear]], plan: TensorPl
     for number, down in downs:
         hadamard = make_rotation("hadamard", down.in_features)
         plan.add(down.weight, down.weight_use, [rotate(down.in_axis, hadamard, "R4")], "R4 down")
-        edge = index.source_edge(down.node, 0)
+        node, slot = _activation_edge(index, down)
         inserted = insert_online_hadamard(
             index,
-            edge.node.input[edge.index],
+            node.input[slot],
             down.in_features,
-            elem_type=tensor_elem_type(index, edge.node.input[edge.index]),  # #13: the tensor it reads
+            elem_type=tensor_elem_type(index, node.input[slot]),  # #13: the tensor it reads
             reason=f"R4 down_proj input, block {number}",
-            readers=[(edge.node, edge.index)],
+            readers=[(node, slot)],
         )
         report.append({"block": number, "down": down.label, "order": down.in_features, **inserted.describe()})
     return report
@@ -71,7 +105,7 @@ class R4:
         return bool(ctx.options.r4)
 
     def check(self, ctx: PassContext) -> list[tuple[int, Linear]]:
-        return prepare_r4(ctx.analysis.roles)
+        return prepare_r4(ctx.analysis.roles, ctx.analysis.index)
 
     def apply(self, ctx: PassContext, checked: list[tuple[int, Linear]]) -> None:
         ctx.done["r4"] = insert_r4(ctx.analysis.index, checked, ctx.plan)
