@@ -176,7 +176,8 @@ def stream_routes(analysis: Analysis) -> list[Route]:
     for node in index.graph.node:
         if node.op_type != "Add" or len(node.input) != 2:
             continue
-        inside = [name in stream.tensors for name in node.input]
+        # a graph input the stream tracer took in as an entry is still what this Add brings in from outside
+        inside = [name in stream.tensors and name not in index.graph_inputs for name in node.input]
         if sum(inside) != 1:
             continue
         route = entry_route(index, node.input[inside.index(False)], node, stream.hidden)
