@@ -9,6 +9,7 @@ entry or dropped reason); run with the transformers 5.x venv:
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -32,5 +33,18 @@ fam.JOBS[:] = [
     for exporter, tag in (("torchscript", "ts17"), ("dynamo", "dy18"))
 ] + [fam.Job("qwen3_moe_bmm_kv_ts17", "qwen3_moe", "torchscript", 15, kind="kv", experts="batched_mm")]
 
+
+def main(argv: list[str]) -> int:
+    """This script's own --help (what it adds), then make_family_fixtures' options, which parse the rest."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 add_help=False)
+    ap.add_argument("-h", "--help", action="store_true", help="show this help and make_family_fixtures' options")
+    args, rest = ap.parse_known_args(argv)
+    if args.help:
+        print(__doc__)
+        rest = [*rest, "--help"]
+    return fam.main(rest)
+
+
 if __name__ == "__main__":
-    sys.exit(fam.main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))
