@@ -267,3 +267,13 @@ def weightless_view(model: onnx.ModelProto) -> onnx.ModelProto:
         elif tensor.name not in declared:
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     return view
+
+
+def fresh_name(index: GraphIndex, base: str, taken: set[str]) -> str:
+    """A tensor/node name free in the graph and in ``taken`` (which it joins): ``base``, else ``base.2``, ..."""
+    name, number = base, 1
+    while name in taken or name in index.store or name in index.producer or name in index.graph_inputs:
+        number += 1
+        name = f"{base}.{number}"
+    taken.add(name)
+    return name

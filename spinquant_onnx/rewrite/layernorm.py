@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from spinquant_onnx.graph.index import GraphIndex, Use
+from spinquant_onnx.graph.index import GraphIndex, Use, fresh_name
 from spinquant_onnx.graph.shapes import tensor_type
 from spinquant_onnx.match.linears import Linear
 from spinquant_onnx.match.norms import NormMatch, norm_vector
@@ -53,14 +53,6 @@ def plan_layernorm(index: GraphIndex, event: Residual, plan: TensorPlan) -> list
     return new_biases
 
 
-def _fresh(index: GraphIndex, base: str, taken: set[str]) -> str:
-    name, number = base, 1
-    while name in taken or name in index.store or name in index.producer or name in index.graph_inputs:
-        number += 1
-        name = f"{base}.{number}"
-    taken.add(name)
-    return name
-
 
 def _add_initializer(index: GraphIndex, name: str, values: np.ndarray) -> None:
     index.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(values), name))
@@ -71,12 +63,12 @@ def add_reader_bias(index: GraphIndex, linear: Linear, vector: np.ndarray) -> No
     """A bias Add after a reader that had none; the Linear now carries it, so later passes (R2) see it."""
     taken: set[str] = set()
     output = linear.node.output[0]
-    raw = _fresh(index, f"{output}.spinquant.unbiased", taken)
-    bias = _fresh(index, f"{linear.weight}.spinquant.layernorm_bias", taken)
+    raw = fresh_name(index, f"{output}.spinquant.unbiased", taken)
+    bias = fresh_name(index, f"{linear.weight}.spinquant.layernorm_bias", taken)
     dtype = index.store.dtype(linear.weight)
     _add_initializer(index, bias, vector.astype(dtype))
     linear.node.output[0] = raw
-    node = helper.make_node("Add", [raw, bias], [output], name=_fresh(index, f"{raw}/add_bias", taken))
+    node = helper.make_node("Add", [raw, bias], [output], name=fresh_name(index, f"{raw}/add_bias", taken))
     position = list(index.graph.node).index(linear.node) + 1
     index.graph.node.insert(position, node)  # protobuf inserts a copy: refer to the one in the graph
     linear.bias, linear.bias_use, linear.bias_axis = bias, Use(index.graph.node[position], 1), 0
@@ -88,7 +80,7 @@ def _opset(index: GraphIndex) -> int:
 
 def _rms_nodes(index: GraphIndex, norm: NormMatch, x: str, taken: set[str]) -> list[onnx.NodeProto]:
     """``x / sqrt(mean(x*x) + eps)`` over the last axis, in float32 like LayerNorm's stash type."""
-    stem = _fresh(index, f"{norm.output}.spinquant.rms", taken)
+    stem = fresh_name(index, f"{norm.output}.spinquant.rms", taken)
     elem = tensor_type(index, x)
     nodes = []
     work = x
@@ -124,7 +116,7 @@ def replace_with_rmsnorm(index: GraphIndex, norm: NormMatch) -> None:
     nodes: list[onnx.NodeProto] = []
     x = norm.inputs[0]
     if len(norm.inputs) > 1:  # SkipLayerNormalization: the sum is computed first (and may be an output)
-        x = norm.sum_output or _fresh(index, f"{norm.output}.spinquant.sum", taken)
+        x = norm.sum_output or fresh_name(index, f"{norm.output}.spinquant.sum", taken)
         nodes.append(helper.make_node("Add", list(norm.inputs), [x], name=f"{x}/skip_add"))
     nodes += _rms_nodes(index, norm, x, taken)
     graph = index.graph

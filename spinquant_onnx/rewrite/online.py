@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from spinquant_onnx.graph.index import GraphIndex
+from spinquant_onnx.graph.index import GraphIndex, fresh_name
 from spinquant_onnx.rotation.kinds import Rotation
 
 # Every node a rewrite inserts to rotate at run time is named under this prefix (R1 online, R3, R4), so a
@@ -54,14 +54,6 @@ class OnlineRotation:
         return {"node": self.node.name, "input": self.tensor, "matrix": self.matrix, "reason": self.reason}
 
 
-def _unique(index: GraphIndex, base: str, taken: set[str]) -> str:
-    name, number = base, 1
-    while name in taken or name in index.store or name in index.producer or name in index.graph_inputs:
-        number += 1
-        name = f"{base}.{number}"
-    taken.add(name)
-    return name
-
 
 def insert_online_rotation(
     index: GraphIndex,
@@ -77,10 +69,10 @@ def insert_online_rotation(
     graph = index.graph
     taken: set[str] = set()
     stem = tensor.replace("/", "_").strip("_")
-    matrix_name = _unique(index, f"spinquant.online.{stem}.R{'T' if transpose else ''}", taken)
-    output = _unique(index, f"{tensor}.rotated", taken)
+    matrix_name = fresh_name(index, f"spinquant.online.{stem}.R{'T' if transpose else ''}", taken)
+    output = fresh_name(index, f"{tensor}.rotated", taken)
     node = helper.make_node(
-        "MatMul", [tensor, matrix_name], [output], name=_unique(index, f"{ONLINE_PREFIX}{stem}", taken)
+        "MatMul", [tensor, matrix_name], [output], name=fresh_name(index, f"{ONLINE_PREFIX}{stem}", taken)
     )
     dense = rotation.matrix().T if transpose else rotation.matrix()
     values = dense.astype(helper.tensor_dtype_to_np_dtype(elem_type))
