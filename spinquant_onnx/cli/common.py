@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -10,6 +11,17 @@ from pathlib import Path
 def providers(value: str) -> list[str]:
     """``--providers cuda,cpu`` as a list."""
     return [p.strip() for p in value.split(",") if p.strip()]
+
+
+def positive(value: str) -> int:
+    """``--block-size``: a positive integer (0 and negatives are refused by name, not as a missing rotation)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {number}")
+    return number
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from spinquant_onnx.cli.common import providers, say, write_json
+from spinquant_onnx.cli.common import positive, providers, say, write_json
 from spinquant_onnx.rotation.kinds import KINDS
 
 
@@ -148,13 +148,3 @@ def summary(output: str, data: dict[str, Any]) -> str:
     parts.append(f"validated on {val['provider']}" if val else "not validated")
     return f"wrote {output}: " + "; ".join(parts)
 
-
-def positive(value: str) -> int:
-    """``--block-size``: a positive integer (0 and negatives are refused by name, not as a missing rotation)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {number}")
-    return number

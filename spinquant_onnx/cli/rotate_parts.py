@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from spinquant_onnx.cli.common import providers, write_json
+from spinquant_onnx.cli.common import positive, providers, write_json
 from spinquant_onnx.rotation.kinds import KINDS
 
 
@@ -19,7 +19,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", required=True, help="folder for the rotated parts (same file names)")
     parser.add_argument("--rotation", choices=KINDS, default="hadamard", help="R1 kind (default: hadamard)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random-hadamard / random-orthogonal")
-    parser.add_argument("--block-size", type=int, default=None, help="block-diagonal R1 of this order")
+    parser.add_argument("--block-size", type=positive, default=None, help="block-diagonal R1 of this order")
     parser.add_argument("--rotation-file", metavar="FILE", help="learned rotations (R.bin or .npz)")
     parser.add_argument("--r2", action="store_true", help="also R2 in every part")
     parser.add_argument("--r3", action="store_true", help="also R3 in every part")
