@@ -1,10 +1,9 @@
-"""The streaming reader and writers (#17): lazy embedded reads, the hand-written protobuf, prefetch, threads."""
+"""The streaming reader and writers (#17): lazy embedded reads, the hand-written protobuf, the mapped output
+file, threads."""
 
 from __future__ import annotations
 
-import io
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from spinquant_onnx import convert
 from spinquant_onnx.errors import InputError
 from spinquant_onnx.io import protowire
 from spinquant_onnx.io.model_file import load_model, save_model, set_tensor_data
-from spinquant_onnx.io.prefetch import Prefetcher
+from spinquant_onnx.io.output_map import MappedOutput
 from spinquant_onnx.io.tensor_store import TensorStore
 from spinquant_onnx.rewrite import plan as plan_module
 from spinquant_onnx.rotation.kinds import make_rotation
@@ -49,14 +48,14 @@ def test_lazy_load_points_into_the_file_and_reads_the_same_values(name: str) -> 
 
 
 @pytest.mark.parametrize("name", ["llama_ts.onnx", "phi3_dynamo.onnx"])
-def test_hand_written_protobuf_is_serialize_to_string(name: str) -> None:
+def test_hand_written_protobuf_is_serialize_to_string(name: str, tmp_path: Path) -> None:
     path = FIXTURES / name
     model = load_model(path, lazy=True)
     store = TensorStore(model, path.parent)
-    out = io.BytesIO()
+    out = tmp_path / "out.onnx"
     assert protowire.write_embedded(model, out, store.array)
-    assert out.getvalue() == _serialized_the_old_way(model, store)
-    loaded = onnx.load_from_string(out.getvalue())
+    assert out.read_bytes() == _serialized_the_old_way(model, store)
+    loaded = onnx.load(str(out))
     onnx.checker.check_model(loaded)
     assert loaded == onnx.load(str(path)) or len(loaded.graph.initializer) == len(model.graph.initializer)
 
@@ -135,41 +134,38 @@ def test_external_models_are_not_read_lazily_twice(tmp_path: Path) -> None:
     shutil.rmtree(out.parent)
 
 
-# ----------------------------------------------------------------------------------------------- prefetch
+# ------------------------------------------------------------------------------------------- mapped output
 
 
-def test_prefetcher_hands_out_in_order_out_of_order_and_raises_in_place() -> None:
-    calls: list[str] = []
-    lock = threading.Lock()
-
-    def fn(name: str) -> str:
-        with lock:
-            calls.append(name)
-        if name == "bad":
-            raise ValueError("boom")
-        return name.upper()
-
-    names = ["a", "s", "b", "bad", "c"]
-    with Prefetcher(fn, names, dict.fromkeys(names, 10), budget=20) as values:
-        assert values("s") == "S" or True  # may already be computed ahead; either way the same value
-        assert [values(n) for n in ("a", "b")] == ["A", "B"]
-        with pytest.raises(ValueError, match="boom"):
-            values("bad")
-        assert values("c") == "C"
-    assert sorted(calls) == sorted(names)  # each computed once
+def test_mapped_output_places_bytes_and_views_and_refuses_writes_outside(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with MappedOutput(path, 100) as out:
+        out.put(0, b"head")
+        view = out.array(8, np.float32, (3, 4))
+        view[:, 1:3] = values[:, 1:3]  # strided writes land in place
+        view[:, [0, 3]] = values[:, [0, 3]]
+        del view
+        out.release(8, 48)  # dropping the pages from the mapping keeps their contents
+        with pytest.raises(ValueError, match="outside"):
+            out.put(98, b"toolong")
+    data = path.read_bytes()
+    assert len(data) == 100 and data[:4] == b"head"
+    np.testing.assert_array_equal(np.frombuffer(data, np.float32, 12, 8).reshape(3, 4), values)
 
 
-def test_prefetcher_respects_its_byte_budget() -> None:
-    held: list[int] = []
-    gate = threading.Event()
-    names = [f"t{i}" for i in range(6)]
-    sizes = dict.fromkeys(names, 100)
+def test_writer_refuses_values_of_the_wrong_shape_and_leaves_nothing_half_written(tmp_path: Path) -> None:
+    path = FIXTURES / "llama_ts.onnx"
+    model = load_model(path, lazy=True)
+    store = TensorStore(model, path.parent)
+    big = next(t.name for t in model.graph.initializer if store.nbytes(t.name) > 4096)
 
-    with Prefetcher(lambda n: n, names, sizes, budget=250) as values:
-        gate.wait(0.2)
-        held.append(values.held)
-        assert [values(n) for n in names] == names
-    assert held[0] <= 250
+    def values(name: str) -> np.ndarray:
+        array = store.array(name)
+        return array.reshape(-1) if name == big else array  # same bytes, wrong shape: must not be broadcast
+
+    with pytest.raises(ValueError, match=f"tensor '{big}': values of shape"):
+        save_model(model, tmp_path / "out.onnx", values, external=True)
 
 
 # ------------------------------------------------------------------------------------------------ threads

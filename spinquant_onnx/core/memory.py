@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from spinquant_onnx.errors import SpinQuantError
-from spinquant_onnx.io.model_file import PREFETCH_BYTES, storage_nbytes
+from spinquant_onnx.io.model_file import storage_nbytes
 from spinquant_onnx.io.tensor_store import TensorStore
 from spinquant_onnx.rewrite.plan import CHUNK_ELEMENTS, TensorPlan, workers
 
@@ -105,10 +105,10 @@ def estimate_memory(
     """Peak of the write phase and the validation phase, from sizes alone (nothing is read).
 
     Writing holds the parsed model and a copy of its graph (embedded weights too, unless read lazily:
-    ``protobuf_bytes`` is what was parsed), the tensor being written and those computed ahead of it (at
-    most the largest tensor, ``io.prefetch``), and one float64 working chunk per worker thread; embedded
-    outputs are streamed field by field, never serialized whole. Validation runs one onnxruntime session
-    at a time, each holding that model's weights.
+    ``protobuf_bytes`` is what was parsed), the tensor being written (its pages in the mapped output file
+    and its source's mapped pages, ``io.output_map``: both dropped once it is done), and one float64 working
+    chunk per worker thread; embedded outputs are laid out field by field, never serialized whole.
+    Validation runs one onnxruntime session at a time, each holding that model's weights.
     """
     sizes = {t.name: storage_nbytes(t.data_type, t.dims) for t in model.graph.initializer}
     total = sum(sizes.values())
@@ -117,7 +117,7 @@ def estimate_memory(
     planned = [(name, int(np.prod(store.shape(t.source), dtype=np.int64))) for name, t in plan.targets.items()]
     work = workers() * max((24 * min(count, CHUNK_ELEMENTS) for _, count in planned), default=0)
     parts = [("model protobuf and its copy", 2 * protobuf_bytes)]
-    parts += [(f"largest tensor '{largest}' x2", 2 * max(largest_bytes, PREFETCH_BYTES // 2)), ("float64 work", work)]
+    parts += [(f"largest tensor '{largest}' x2", 2 * largest_bytes), ("float64 work", work)]
     write = sum(size for _, size in parts)
     if validate:
         check = protobuf_bytes + int(ORT_WEIGHT_FACTOR * total)

@@ -226,10 +226,12 @@ def model_output(
     def write(staging: Path) -> list[Path]:
         label = progress_label or f"rotating {out_path.name}"
         with _progress_bar(model, store, label) as progress:
+            values = checks.checked_values(plan, store)
             return save_model(
                 model,
                 staging / out_path.name,
-                checks.checked_values(plan, store),
+                values,
+                fill=values,
                 external=True if uses_external_data(model) and not embedded_input else None,
                 data_name=output_data_name(out_path),
                 progress=progress,

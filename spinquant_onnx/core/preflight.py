@@ -10,7 +10,7 @@ enough memory — refusing early with a clear line is better than being killed b
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from onnx import TensorProto
 
 from spinquant_onnx.core.memory import check_memory, estimate_memory
 from spinquant_onnx.errors import InputError, SpinQuantError
-from spinquant_onnx.io.model_file import TensorSource, type_name
+from spinquant_onnx.io.model_file import type_name
 from spinquant_onnx.io.tensor_store import TensorStore
 from spinquant_onnx.rewrite.plan import TensorPlan
 
@@ -144,17 +144,18 @@ def _sources(plan: TensorPlan) -> dict[str, str]:
     return sources
 
 
-def checked_values(plan: TensorPlan, store: TensorStore) -> TensorSource:
-    """``plan.materialize`` that refuses NaN/Inf in a source and values that overflow their type."""
+def checked_values(plan: TensorPlan, store: TensorStore) -> Callable[[str, np.ndarray | None], np.ndarray]:
+    """``plan.materialize`` that refuses NaN/Inf in a source and values that overflow their type; it serves
+    ``save_model`` both as its ``tensor_values(name)`` and as its ``fill(name, out)``."""
     checked: set[str] = set()
 
-    def values(name: str) -> np.ndarray:
+    def values(name: str, out: np.ndarray | None = None) -> np.ndarray:
         target = plan.targets.get(name)
         if target is None:
-            return plan.materialize(store, name)
+            return plan.materialize(store, name, out=out)
         flags: list[bool] = []
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, with the tensor's name
-            result = plan.materialize(store, name, flags)
+            result = plan.materialize(store, name, flags, out)
         if flags and all(flags):  # chunked: source and result were checked chunk by chunk, all finite
             checked.add(target.source)
             return result

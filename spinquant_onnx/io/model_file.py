@@ -1,10 +1,11 @@
 """Reading and writing ONNX models without holding every weight in memory.
 
-Initializers stored as external data are memory-mapped and read one at a time; the writer streams each
-rewritten tensor to disk as it is produced, so peak memory stays near the largest single tensor rather
-than the model's size. Output is written to a hidden staging folder beside the destination and renamed
-into place at the end (see ``io.staging``), so a failed or killed run leaves either the previous
-output or none, never a partial one. Every problem with the input file surfaces as one ``InputError``.
+Initializers stored as external data are memory-mapped and read one at a time; the writer lays the output
+file out up front and each rewritten tensor is computed straight into its bytes (``io.output_map``), so peak
+memory stays near the largest single tensor rather than the model's size. Output is written to a hidden
+staging folder beside the destination and renamed into place at the end (see ``io.staging``), so a failed
+or killed run leaves either the previous output or none, never a partial one. Every problem with the input
+file surfaces as one ``InputError``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import TensorProto
 
 from spinquant_onnx.errors import InputError, SpinQuantError
-from spinquant_onnx.io.prefetch import Prefetcher
+from spinquant_onnx.io.output_map import MappedOutput, TensorFill, TensorSource, copy_fill, fill_tensor
 from spinquant_onnx.io.protowire import WireError, lazy_load, write_embedded
 from spinquant_onnx.io.tensor_data import (  # noqa: F401 - re-exported: callers import them from here
     SUB_BYTE_BITS,
@@ -35,8 +35,6 @@ PROTOBUF_LIMIT = 2**31 - 1
 EMBED_LIMIT = 1_800_000_000
 ALIGN = 64
 INLINE_BYTES = 1024
-# Results computed ahead of the writer may hold this much (or the largest tensor, if that is more).
-PREFETCH_BYTES = 256 << 20
 # More elements than any real tensor: guards the size arithmetic against hostile dims.
 MAX_ELEMENTS = 1 << 48
 
@@ -300,29 +298,38 @@ def external_files(model: onnx.ModelProto, base_dir: Path) -> set[Path]:
 
 # ----------------------------------------------------------------------------------------------- writing
 
-TensorSource = Callable[[str], np.ndarray]
-
 
 def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike,
     tensor_values: TensorSource,
     *,
+    fill: TensorFill | None = None,
     external: bool | None = None,
     data_name: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[Path]:
-    """Write ``model`` to ``path`` (in a staging folder), pulling each initializer from ``tensor_values``.
+    """Write ``model`` to ``path`` (in a staging folder), each initializer's values computed into place.
 
-    ``tensor_values(name)`` is called once per initializer, in graph order, so a caller can compute
-    rewritten tensors lazily and only one is in memory at a time. With external data, every tensor of
-    1 KB or more (strings excepted) goes to ``data_name`` (default ``<name>.data``) beside the model; with
-    none that large, no data file is written. Files are synced
-    to disk before returning. Returns the files written, the model first.
+    ``fill(name, out)`` writes an initializer's final values into ``out``, a view of the output file's
+    bytes (``io.output_map``), so a caller can compute rewritten tensors lazily, in chunks, straight into
+    the file; without it, ``tensor_values(name)`` arrays are copied there. Both are called once per
+    initializer, in graph order (``tensor_values`` alone for strings, packed types and small tensors kept
+    inline). With external data, every tensor of 1 KB or more (strings excepted) goes to ``data_name``
+    (default ``<name>.data``) beside the model; with none that large, no data file is written. Files are
+    synced to disk before returning. Returns the files written, the model first.
     """
     path = Path(path)
     try:
-        return _save_model(model, path, tensor_values, external, data_name or path.name + ".data", progress)
+        return _save_model(
+            model,
+            path,
+            tensor_values,
+            fill or copy_fill(tensor_values),
+            external,
+            data_name or path.name + ".data",
+            progress,
+        )
     except OSError as exc:
         raise SpinQuantError(f"{path.parent}: writing the output failed ({one_line(exc.strerror or exc)})") from exc
 
@@ -331,69 +338,69 @@ def _save_model(
     model: onnx.ModelProto,
     path: Path,
     tensor_values: TensorSource,
+    fill: TensorFill,
     external: bool | None,
     data_name: str,
     progress: Callable[[int], None] | None,
 ) -> list[Path]:
-    sizes = {t.name: storage_nbytes(t.data_type, t.dims) for t in model.graph.initializer}
-    total = sum(sizes.values())
     if external is None:
-        external = total > EMBED_LIMIT
-    budget = max(PREFETCH_BYTES, max(sizes.values(), default=0))
-    with Prefetcher(tensor_values, [t.name for t in model.graph.initializer], sizes, budget) as values:
-        if external:
-            header = onnx.ModelProto()
-            header.CopyFrom(model)
-            written = [path, *_write_external(header, path.parent / data_name, values, progress)]
-        else:
-            header, written = model, [path]
-        with open(path, "wb") as handle:
-            if external or not write_embedded(model, handle, values, progress):
-                if not external:  # this protobuf runtime does not serialize in field order: the slow way
-                    header = onnx.ModelProto()
-                    header.CopyFrom(model)
-                    for tensor in header.graph.initializer:
-                        set_tensor_data(tensor, values(tensor.name))
-                handle.write(header.SerializeToString())
-            handle.flush()
-            os.fsync(handle.fileno())
+        external = sum(storage_nbytes(t.data_type, t.dims) for t in model.graph.initializer) > EMBED_LIMIT
+    if not external and write_embedded(model, path, tensor_values, fill, progress):
+        return [path]
+    header = onnx.ModelProto()
+    header.CopyFrom(model)
+    if external:
+        written = [path, *_write_external(header, path.parent / data_name, tensor_values, fill, progress)]
+    else:  # this protobuf runtime does not serialize in field order: the slow way
+        for tensor in header.graph.initializer:
+            set_tensor_data(tensor, tensor_values(tensor.name))
+        written = [path]
+    with open(path, "wb") as handle:
+        handle.write(header.SerializeToString())
+        handle.flush()
+        os.fsync(handle.fileno())
     return written
 
 
+def _inline(tensor: TensorProto) -> bool:
+    """Strings (no raw layout) and small tensors (shapes, axes, scalars) stay inline as onnx.save does:
+    onnxruntime's shape inference cannot read a Reshape shape from a file."""
+    if tensor.data_type == TensorProto.STRING:
+        return True
+    return math.prod(tensor.dims) * np_dtype(tensor.data_type).itemsize < INLINE_BYTES
+
+
 def _write_external(
-    header: onnx.ModelProto, data_path: Path, tensor_values: TensorSource, progress: Callable[[int], None] | None
+    header: onnx.ModelProto,
+    data_path: Path,
+    tensor_values: TensorSource,
+    fill: TensorFill,
+    progress: Callable[[int], None] | None,
 ) -> list[Path]:
-    """Stream every tensor of 1 KB or more to ``data_path``, pointing ``header``'s initializers at it."""
-    with open(data_path, "wb") as data_file:
-        offset = 0
-        for tensor in header.graph.initializer:
-            values = tensor_values(tensor.name)
-            if tensor.data_type == TensorProto.STRING or np.asarray(values).nbytes < INLINE_BYTES:
-                # Strings have no raw layout, and small tensors (shapes, axes, scalars) stay inline as
-                # onnx.save does: onnxruntime's shape inference cannot read a Reshape shape from a file.
-                set_tensor_data(tensor, values)
-                continue
-            raw = raw_bytes(values, tensor.data_type)
-            pad = (-offset) % ALIGN
-            if pad:
-                data_file.write(b"\0" * pad)
-                offset += pad
-            data_file.write(raw)
+    """Lay out every tensor of 1 KB or more in ``data_path`` (64-byte aligned), fill them in place, and point
+    ``header``'s initializers at them."""
+    placed: list[tuple[TensorProto, int]] = []
+    end = 0
+    for tensor in header.graph.initializer:
+        if _inline(tensor):
+            set_tensor_data(tensor, tensor_values(tensor.name))
+            continue
+        end += (-end) % ALIGN
+        placed.append((tensor, end))
+        end += storage_nbytes(tensor.data_type, tensor.dims)
+    if not placed:  # every tensor was small enough to stay inline: no data file to ship
+        return []
+    with MappedOutput(data_path, end) as out:
+        for tensor, offset in placed:
+            length = fill_tensor(out, offset, tensor, tensor_values, fill)
             dims, data_type, name = list(tensor.dims), tensor.data_type, tensor.name
             tensor.Clear()
             tensor.name, tensor.data_type = name, data_type
             tensor.dims.extend(dims)
             tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, value
-            offset += len(raw)
             if progress:
-                progress(len(raw))
-            del values, raw
-        data_file.flush()
-        os.fsync(data_file.fileno())
-    if offset == 0:  # every tensor was small enough to stay inline: no data file to ship
-        data_path.unlink()
-        return []
+                progress(length)
     return [data_path]

@@ -4,10 +4,10 @@ An .onnx file with embedded weights is one protobuf message; ``onnx.load`` parse
 bytes plus a parsed copy: 2x its size), and ``SerializeToString`` builds the whole output in memory again.
 Here the file is memory-mapped and scanned field by field: each large initializer's ``raw_data`` is left
 in the file and the tensor is marked as external data pointing *into the .onnx itself* (at the payload's
-offset), so the rest of the tool streams it exactly like external data. On output the model is written
-field by field in protobuf's own order (field numbers ascending), each initializer's TensorProto
-serialized on the fly from its computed values: the bytes are exactly those of ``SerializeToString``
-(``tests/test_protowire.py``), with one tensor in memory at a time.
+offset), so the rest of the tool streams it exactly like external data. On output the model is laid out
+field by field in protobuf's own order (field numbers ascending) and each initializer's payload is computed
+straight into its place in the file: the bytes are exactly those of ``SerializeToString``
+(``tests/test_protowire.py``), with no copy of the model in memory.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import mmap
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import onnx
 from onnx import TensorProto
 
+from spinquant_onnx.io.output_map import MappedOutput, TensorFill, TensorSource, copy_fill, fill_tensor
 from spinquant_onnx.io.tensor_data import np_dtype, raw_bytes, set_tensor_data, storage_nbytes
 
 # Initializers with at least this many bytes of raw_data are left in the file when reading.
@@ -228,24 +228,27 @@ def _split_model(header: onnx.ModelProto) -> tuple[bytes, bytes, bytes, bytes] |
     model_head_bytes = model_head.SerializeToString()
     if not (rest_bytes.startswith(head_bytes) and model_rest_bytes.startswith(model_head_bytes)):
         return None
-    return model_head_bytes, head_bytes, rest_bytes[len(head_bytes):], model_rest_bytes[len(model_head_bytes):]
+    return model_head_bytes, head_bytes, rest_bytes[len(head_bytes) :], model_rest_bytes[len(model_head_bytes) :]
 
 
 def write_embedded(
     header: onnx.ModelProto,
-    handle: BinaryIO,
-    tensor_values: Callable[[str], np.ndarray],
+    path: Path,
+    tensor_values: TensorSource,
+    fill: TensorFill | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> bool:
-    """Write ``header`` with every initializer's values to ``handle``, the bytes ``SerializeToString`` would give.
+    """Write ``header`` with every initializer's values to ``path``, the bytes ``SerializeToString`` would give.
 
-    ``tensor_values(name)`` is called once per initializer, in graph order, except that element types with
-    no raw layout (strings) are asked for first: their serialized size depends on their values.
-    Returns False, having written nothing, when the field-order check fails.
+    The file's layout is computed first (every length is known from shapes), then each payload is filled
+    in place (``io.output_map``: ``fill(name, out)``, or a copy of ``tensor_values(name)``), in graph order;
+    element types with no raw layout (strings) are asked for first: their serialized size depends on their
+    values. Returns False, having written nothing, when the field-order check fails.
     """
     parts = _split_model(header)
     if parts is None:
         return False
+    fill = fill or copy_fill(tensor_values)
     model_head, graph_head, graph_tail, model_tail = parts
     initializers = list(header.graph.initializer)
     eager: dict[int, bytes] = {}
@@ -262,21 +265,29 @@ def write_embedded(
         lengths.append(body)
     graph_length = len(graph_head) + len(graph_tail)
     graph_length += sum(len(_field(GRAPH_INITIALIZER, n)) + n for n in lengths)
-    handle.write(model_head)
-    handle.write(_field(MODEL_GRAPH, graph_length))
-    handle.write(graph_head)
-    for position, (tensor, length) in enumerate(zip(initializers, lengths, strict=True)):
-        handle.write(_field(GRAPH_INITIALIZER, length))
-        if position in eager:
-            handle.write(eager[position])
-            continue
-        array = tensor_values(tensor.name)
-        raw = raw_bytes(array, tensor.data_type)
-        handle.write(_tensor_head(tensor.name, tensor.data_type, list(tensor.dims), len(raw)))
-        handle.write(raw)
-        if progress:
-            progress(len(raw))
-        del array, raw
-    handle.write(graph_tail)
-    handle.write(model_tail)
+    graph_key = _field(MODEL_GRAPH, graph_length)
+    with MappedOutput(path, len(model_head) + len(graph_key) + graph_length + len(model_tail)) as out:
+        pos = 0
+        for piece in (model_head, graph_key, graph_head):
+            out.put(pos, piece)
+            pos += len(piece)
+        for position, (tensor, length) in enumerate(zip(initializers, lengths, strict=True)):
+            key = _field(GRAPH_INITIALIZER, length)
+            out.put(pos, key)
+            pos += len(key)
+            if position in eager:
+                out.put(pos, eager[position])
+                pos += length
+                continue
+            nbytes = storage_nbytes(tensor.data_type, tensor.dims)
+            head = _tensor_head(tensor.name, tensor.data_type, list(tensor.dims), nbytes)
+            out.put(pos, head)
+            pos += len(head)
+            written = fill_tensor(out, pos, tensor, tensor_values, fill)
+            pos += written
+            if progress:
+                progress(written)
+        for piece in (graph_tail, model_tail):
+            out.put(pos, piece)
+            pos += len(piece)
     return True

@@ -25,7 +25,7 @@ from spinquant_onnx.rotation.kinds import Rotation
 
 # Elements of float64 work per chunk when a tensor is rewritten along one axis: bounds temporary memory
 # (one chunk per worker thread in flight), and splits a tensor across threads.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 THREADS_ENV = "SPINQUANT_THREADS"
 
 
@@ -127,19 +127,22 @@ def run_ops(
     dtype: np.dtype,
     work: type = np.float64,
     finite: list[bool] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Apply ``ops`` in ``work`` precision and cast to ``dtype``, in chunks when every op works on one axis.
+    """Apply ``ops`` in ``work`` precision and cast to ``dtype`` (into ``out`` when given, e.g. a view of the
+    output file), in chunks when every op works on one axis.
 
     Chunks split the axis no op touches, so each one is an independent fused pass (one working copy in
     ``work`` precision, every op applied in place, cast back on assignment); they run on every core.
     When chunked and ``finite`` is a list, each chunk appends whether its input and its output were all
     finite (checked while the chunk is hot in cache: no separate pass over the tensor).
     """
+    if out is None:
+        out = np.empty(values.shape, dtype=dtype)
     axes = {op.axis for op in ops if op.kind != "fill"}
     if len(axes) == 1 and values.ndim >= 2 and values.size > CHUNK_ELEMENTS:
         axis = axes.pop()
         other = max((a for a in range(values.ndim) if a != axis), key=lambda a: values.shape[a])
-        out = np.empty(values.shape, dtype=dtype)
         step = max(1, CHUNK_ELEMENTS * values.shape[other] // values.size)
 
         def chunk(start: int) -> None:
@@ -153,15 +156,16 @@ def run_ops(
 
         starts = range(0, values.shape[other], step)
         count = min(workers(), len(starts))
-        if count == 1:
-            for start in starts:
-                chunk(start)
-            return out
         with _one_blas_thread():
-            for future in [_pool(count).submit(chunk, start) for start in starts]:
-                future.result()
+            if count == 1:
+                for start in starts:
+                    chunk(start)
+            else:
+                for future in [_pool(count).submit(chunk, start) for start in starts]:
+                    future.result()
         return out
-    return _run_all(values, ops, work).astype(dtype)
+    out[...] = _run_all(values, ops, work)
+    return out
 
 
 def _run_all(values: np.ndarray, ops: tuple[TensorOp, ...], work: type, finite: list[bool] | None = None
@@ -232,13 +236,18 @@ class TensorPlan:
                 for use, _, _ in members:
                     use.node.input[use.index] = name
 
-    def materialize(self, store: TensorStore, name: str, finite: list[bool] | None = None) -> np.ndarray:
-        """The final values of initializer ``name`` (unchanged ones straight from the store); ``finite`` as
-        in ``run_ops``."""
+    def materialize(
+        self, store: TensorStore, name: str, finite: list[bool] | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The final values of initializer ``name`` (unchanged ones straight from the store), written into
+        ``out`` when given; ``finite`` as in ``run_ops``."""
         target = self.targets.get(name)
         if target is None:
-            return store.array(name)
-        return run_ops(store.array(target.source), target.ops, store.dtype(target.source), self.work, finite)
+            if out is None:
+                return store.array(name)
+            np.copyto(out, store.array(name))
+            return out
+        return run_ops(store.array(target.source), target.ops, store.dtype(target.source), self.work, finite, out)
 
 
 def _fresh_name(index: GraphIndex, base: str) -> str:

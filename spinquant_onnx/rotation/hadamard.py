@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 # Chunked temporaries (Jacobsthal rows, fused-GEMM rows) are capped at about this many elements.
-_CHUNK_ELEMS = 1 << 22
+_CHUNK_ELEMS = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------------------
