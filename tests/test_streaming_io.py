@@ -193,6 +193,7 @@ def test_chunked_finite_checks_still_name_the_bad_value(monkeypatch: pytest.Monk
     from spinquant_onnx.core.preflight import checked_values
 
     monkeypatch.setattr(plan_module, "CHUNK_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(plan_module, "SPLIT_ELEMENTS", 1 << 10)
     rotation = make_rotation("hadamard", 64)
     for values, message in (
         (np.ones((512, 64), np.float32), None),

@@ -26,6 +26,8 @@ from spinquant_onnx.rotation.kinds import Rotation
 # Elements of float64 work per chunk when a tensor is rewritten along one axis: bounds temporary memory
 # (one chunk per worker thread in flight), and splits a tensor across threads.
 CHUNK_ELEMENTS = 1 << 20
+# Tensors from this size on are split across the worker threads (below it, threads cost more than they save).
+SPLIT_ELEMENTS = 1 << 16
 THREADS_ENV = "SPINQUANT_THREADS"
 
 
@@ -140,10 +142,11 @@ def run_ops(
     if out is None:
         out = np.empty(values.shape, dtype=dtype)
     axes = {op.axis for op in ops if op.kind != "fill"}
-    if len(axes) == 1 and values.ndim >= 2 and values.size > CHUNK_ELEMENTS:
+    if len(axes) == 1 and values.ndim >= 2 and values.size >= SPLIT_ELEMENTS:
         axis = axes.pop()
         other = max((a for a in range(values.ndim) if a != axis), key=lambda a: values.shape[a])
-        step = max(1, CHUNK_ELEMENTS * values.shape[other] // values.size)
+        # Chunks of at most CHUNK_ELEMENTS, and at least one per worker: mid-size tensors use every core too.
+        step = max(1, min(CHUNK_ELEMENTS * values.shape[other] // values.size, -(-values.shape[other] // workers())))
 
         def chunk(start: int) -> None:
             window = [slice(None)] * values.ndim

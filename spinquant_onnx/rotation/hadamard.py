@@ -31,6 +31,8 @@ __all__ = [
 
 # Chunked temporaries (Jacobsthal rows, fused-GEMM rows) are capped at about this many elements.
 _CHUNK_ELEMS = 1 << 20
+# contract() moves the axis last for one GEMM when the rest of each slice is below this many elements.
+_SMALL_REST = 256
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,36 +275,55 @@ def hadamard_matrix(n: int) -> np.ndarray:
 # Fast transforms
 
 
-def _butterflies(y: np.ndarray) -> None:
+def _sylvester_factors(p2: int) -> tuple[int, ...]:
+    """How H_P is applied: one GEMM up to order 64 (smaller GEMMs run BLAS poorly, so splitting only adds
+    passes), else H_a (x) H_b with a * b = P, both about sqrt(P)."""
+    if p2 <= 64:
+        return (p2,)
+    k = p2.bit_length() - 1
+    a = 1 << (k // 2)
+    return (a, p2 // a)
+
+
+def _butterflies(y: np.ndarray, scale: float = 1.0) -> None:
     """In-place unnormalized Sylvester WHT along axis 1 of a C-contiguous (pre, P, post) array.
 
-    H_P = H_a (x) H_b with a * b = P, both about sqrt(P): two small GEMMs per chunk of about 8 MB instead of
-    log2(P) strided passes over the whole tensor. O(P^1.5) flops per row rather than O(P log P), but BLAS runs
-    them several times faster than numpy's butterfly passes, on cache-sized chunks (measured: a Llama-1B-sized
-    rotation went from 67 s to 48 s), with the same result to rounding.
+    One or two GEMMs (``_sylvester_factors``) per chunk of about 8 MB instead of log2(P) strided passes over
+    the whole tensor: O(P^1.5) flops per row rather than O(P log P), but BLAS runs them several times faster
+    than numpy's butterfly passes, on cache-sized chunks, with the same result to rounding. Sylvester
+    matrices are symmetric, so each factor is used as stored (a transposed operand costs numpy's batched
+    matmul twice the time). ``scale`` is folded into the last factor applied (no extra pass).
     """
     pre, p2, post = y.shape
     if p2 < 2:
+        if scale != 1.0:
+            y *= y.dtype.type(scale)
         return
-    k = p2.bit_length() - 1
-    a = 1 << (k // 2)
-    b = p2 // a
-    ha = sylvester(a).astype(y.dtype, copy=False)
-    hb = sylvester(b).astype(y.dtype, copy=False)
+    factors = [sylvester(f) for f in _sylvester_factors(p2)]
+    factors[0] = factors[0] * scale  # applied last in both layouts below
+    factors = [f.astype(y.dtype, copy=False) for f in factors]
     if post == 1:
         flat = y.reshape(pre, p2)
         rows = max(1, _CHUNK_ELEMS // p2)
         for r0 in range(0, pre, rows):
+            if len(factors) == 1:
+                flat[r0 : r0 + rows] = flat[r0 : r0 + rows] @ factors[0]
+                continue
+            ha, hb = factors
             # One GEMM per factor (a batched matmul of small matrices would loop in numpy instead).
-            chunk = (flat[r0 : r0 + rows].reshape(-1, b) @ hb).reshape(-1, a, b)
-            flat[r0 : r0 + rows] = np.matmul(ha.T, chunk).reshape(-1, p2)
+            chunk = (flat[r0 : r0 + rows].reshape(-1, hb.shape[0]) @ hb).reshape(-1, ha.shape[0], hb.shape[0])
+            flat[r0 : r0 + rows] = np.matmul(ha, chunk).reshape(-1, p2)
         return
     cols = max(1, _CHUNK_ELEMS // p2)
     for i in range(pre):
         block = y[i]
         for c0 in range(0, post, cols):
-            chunk = np.matmul(hb.T, block[:, c0 : c0 + cols].reshape(a, b, -1))
-            block[:, c0 : c0 + cols] = (ha.T @ chunk.reshape(a, -1)).reshape(p2, -1)
+            if len(factors) == 1:
+                block[:, c0 : c0 + cols] = factors[0] @ block[:, c0 : c0 + cols]
+                continue
+            ha, hb = factors
+            chunk = np.matmul(hb, block[:, c0 : c0 + cols].reshape(ha.shape[0], hb.shape[0], -1))
+            block[:, c0 : c0 + cols] = (ha @ chunk.reshape(ha.shape[0], -1)).reshape(p2, -1)
 
 
 def as_3d(y: np.ndarray, axis: int) -> np.ndarray:
@@ -332,6 +353,9 @@ def contract(y: np.ndarray, a: np.ndarray) -> np.ndarray:
     pre, m, post = y.shape
     if post == 1:  # one GEMM instead of `pre` batched mat-vecs
         return (y.reshape(pre, m) @ a).reshape(pre, -1, 1)
+    if pre > 1 and post < _SMALL_REST:  # `pre` tiny matmuls loop in numpy: one transposed GEMM instead
+        moved = np.ascontiguousarray(y.transpose(0, 2, 1)).reshape(-1, m) @ a
+        return moved.reshape(pre, post, -1).transpose(0, 2, 1)
     return np.matmul(a.T, y)
 
 
@@ -343,12 +367,11 @@ def transform3(y: np.ndarray, normalize: bool, transpose: bool) -> np.ndarray:
     if mk is None:
         raise unsupported(n)
     m, p2 = mk
-    _butterflies(y.reshape(pre * m, p2, post))
     scale = 1.0 / math.sqrt(n)
     if m == 1:
-        if normalize:
-            y *= y.dtype.type(scale)
+        _butterflies(y, scale if normalize else 1.0)
         return y
+    _butterflies(y.reshape(pre * m, p2, post))
     a = base_matrix(m).T if transpose else base_matrix(m)
     if normalize:
         a = a * scale
