@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from spinquant_onnx.graph.index import GraphIndex, Use
+from spinquant_onnx.graph.index import GraphIndex, Use, fresh_name
 from spinquant_onnx.io.tensor_store import TensorStore
 from spinquant_onnx.rotation.kinds import Rotation
 
@@ -255,7 +255,7 @@ class TensorPlan:
                 if not keep_original and number == 0:
                     self.targets[tensor] = Target(tensor, tensor, ops, role)
                     continue
-                name = _fresh_name(index, f"{tensor}.spinquant.{role.replace('+', '_')}")
+                name = fresh_name(index, f"{tensor}.spinquant.{role.replace('+', '_')}", set())
                 self.targets[name] = Target(name, tensor, ops, role)
                 _append_initializer(model, index.store, tensor, name)
                 for use, _, _ in members:
@@ -273,14 +273,6 @@ class TensorPlan:
             np.copyto(out, store.array(name))
             return out
         return run_ops(store.array(target.source), target.ops, store.dtype(target.source), self.work, finite, out)
-
-
-def _fresh_name(index: GraphIndex, base: str) -> str:
-    name, number = base, 1
-    while name in index.store or name in index.producer or name in index.graph_inputs:
-        number += 1
-        name = f"{base}.{number}"
-    return name
 
 
 def _append_initializer(model: onnx.ModelProto, store: TensorStore, source: str, name: str) -> None:
