@@ -13,7 +13,8 @@ import contextlib
 import functools
 import os
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -186,11 +187,24 @@ def run_ops(
                 for start in starts:
                     chunk(start)
             else:
-                for future in [_pool(count).submit(chunk, start) for start in starts]:
-                    future.result()
+                _run_chunks(_pool(count), chunk, starts)
         return out
     out[...] = _run_all(values, ops, work)
     return out
+
+
+def _run_chunks(pool: ThreadPoolExecutor, chunk: Callable[[int], None], starts: range) -> None:
+    """Run every chunk; on any error (or Ctrl-C) wait for those already running before raising: they write
+    into ``out``, which may be a view of the mapped output file that the caller unmaps while unwinding."""
+    futures = [pool.submit(chunk, start) for start in starts]
+    try:
+        for future in futures:
+            future.result()
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        wait(futures)
+        raise
 
 
 def _run_all(values: np.ndarray, ops: tuple[TensorOp, ...], work: type, finite: list[bool] | None = None
