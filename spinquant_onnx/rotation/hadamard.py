@@ -276,54 +276,65 @@ def hadamard_matrix(n: int) -> np.ndarray:
 
 
 def _sylvester_factors(p2: int) -> tuple[int, ...]:
-    """How H_P is applied: one GEMM up to order 64 (smaller GEMMs run BLAS poorly, so splitting only adds
-    passes), else H_a (x) H_b with a * b = P, both about sqrt(P)."""
+    """How H_P is applied: one GEMM up to order 64, else H_P = H_f1 (x) H_f2 (x) ... with factors of at most
+    16 (as few and as even as possible). Small factors cost fewer flops (2 * sum(f) per element rather than
+    2 * P); measured with BLAS on one core, 8 x 16 x 16 runs 2048 in ~0.65x the time of 32 x 64, 16^3 runs
+    4096 in ~0.5x that of 64 x 64."""
     if p2 <= 64:
         return (p2,)
     k = p2.bit_length() - 1
-    a = 1 << (k // 2)
-    return (a, p2 // a)
+    parts = -(-k // 4)
+    base, extra = divmod(k, parts)
+    return tuple(1 << (base + (1 if i >= parts - extra else 0)) for i in range(parts))
+
+
+def _kron_apply(x: np.ndarray, sizes: tuple[int, ...], mats: list[np.ndarray], post: int) -> None:
+    """x <- x @ kron(mats) along the P = prod(sizes) axis of a C-contiguous (..., P, post) array, in place:
+    one GEMM per factor on its own axis (Kronecker factors on different axes commute)."""
+    if not x.flags.c_contiguous:
+        raise ValueError("internal: _kron_apply needs a C-contiguous array")
+    lead = x.size // (math.prod(sizes) * post)
+    for j, (f, mat) in enumerate(zip(sizes, mats, strict=True)):
+        outer, inner = lead * math.prod(sizes[:j]), math.prod(sizes[j + 1 :]) * post
+        if inner == 1:
+            view = x.reshape(outer, f)
+            view[...] = view @ mat
+        else:
+            view = x.reshape(outer, f, inner)
+            view[...] = np.matmul(mat, view)  # Sylvester factors are symmetric: mat.T == mat
 
 
 def _butterflies(y: np.ndarray, scale: float = 1.0) -> None:
-    """In-place unnormalized Sylvester WHT along axis 1 of a C-contiguous (pre, P, post) array.
+    """In-place unnormalized Sylvester WHT along axis 1 of a C-contiguous (pre, P, post) array, times ``scale``.
 
-    One or two GEMMs (``_sylvester_factors``) per chunk of about 8 MB instead of log2(P) strided passes over
-    the whole tensor: O(P^1.5) flops per row rather than O(P log P), but BLAS runs them several times faster
-    than numpy's butterfly passes, on cache-sized chunks, with the same result to rounding. Sylvester
-    matrices are symmetric, so each factor is used as stored (a transposed operand costs numpy's batched
-    matmul twice the time). ``scale`` is folded into the last factor applied (no extra pass).
+    One GEMM per Sylvester factor (``_sylvester_factors``) on cache-sized chunks of about 8 MB instead of
+    log2(P) strided passes: more flops than butterflies, but BLAS runs them several times faster than
+    numpy's element-wise passes, with the same result to rounding. ``scale`` is folded into a factor.
     """
     pre, p2, post = y.shape
     if p2 < 2:
         if scale != 1.0:
             y *= y.dtype.type(scale)
         return
-    factors = [sylvester(f) for f in _sylvester_factors(p2)]
-    factors[0] = factors[0] * scale  # applied last in both layouts below
-    factors = [f.astype(y.dtype, copy=False) for f in factors]
+    sizes = _sylvester_factors(p2)
+    mats = [sylvester(f) for f in sizes]
+    mats[0] = mats[0] * scale
+    mats = [m.astype(y.dtype, copy=False) for m in mats]
     if post == 1:
         flat = y.reshape(pre, p2)
         rows = max(1, _CHUNK_ELEMS // p2)
         for r0 in range(0, pre, rows):
-            if len(factors) == 1:
-                flat[r0 : r0 + rows] = flat[r0 : r0 + rows] @ factors[0]
-                continue
-            ha, hb = factors
-            # One GEMM per factor (a batched matmul of small matrices would loop in numpy instead).
-            chunk = (flat[r0 : r0 + rows].reshape(-1, hb.shape[0]) @ hb).reshape(-1, ha.shape[0], hb.shape[0])
-            flat[r0 : r0 + rows] = np.matmul(ha, chunk).reshape(-1, p2)
+            _kron_apply(flat[r0 : r0 + rows], sizes, mats, 1)
         return
     cols = max(1, _CHUNK_ELEMS // p2)
     for i in range(pre):
-        block = y[i]
+        if cols >= post:
+            _kron_apply(y[i], sizes, mats, post)
+            continue
         for c0 in range(0, post, cols):
-            if len(factors) == 1:
-                block[:, c0 : c0 + cols] = factors[0] @ block[:, c0 : c0 + cols]
-                continue
-            ha, hb = factors
-            chunk = np.matmul(hb, block[:, c0 : c0 + cols].reshape(ha.shape[0], hb.shape[0], -1))
-            block[:, c0 : c0 + cols] = (ha @ chunk.reshape(ha.shape[0], -1)).reshape(p2, -1)
+            block = np.ascontiguousarray(y[i][:, c0 : c0 + cols])
+            _kron_apply(block, sizes, mats, block.shape[1])
+            y[i][:, c0 : c0 + cols] = block
 
 
 def as_3d(y: np.ndarray, axis: int) -> np.ndarray:
