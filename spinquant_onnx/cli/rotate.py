@@ -33,6 +33,18 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     rotate.add_argument("--r4", action="store_true", help="also R4: online Hadamard before down_proj")
     rotate.add_argument("--rotation-file", metavar="FILE",
                         help="learned rotations (SpinQuant R.bin or .npz with R1 / model.layers.N.self_attn.R2)")
+    rotate.add_argument("--smooth", metavar="TOKENS.npy",
+                        help="smooth o_proj's and down_proj's inputs first (SmoothQuant scales into v / up, exact), "
+                        "from the original model's activation maxima on these tokens")
+    rotate.add_argument("--smooth-alpha", type=float, default=0.5,
+                        help="migration strength a in s = max|x|^a / max|W|^(1-a) (default 0.5)")
+    rotate.add_argument("--smooth-sites", type=lambda v: tuple(s.strip() for s in v.split(",") if s.strip()),
+                        default=("down", "o"), help="comma list from down,o (default both)")
+    rotate.add_argument("--smooth-windows", type=positive, default=4,
+                        help="calibration windows for the maxima (default 4)")
+    rotate.add_argument("--smooth-window-len", type=positive, default=256, help="tokens per window (default 256)")
+    rotate.add_argument("--smooth-offset", type=int, default=4096,
+                        help="first token of the windows (default 4096: past what eval scores and calibrates on)")
     rotate.add_argument("--force", action="store_true",
                         help="rotate a model spinquant-onnx already rotated (refused otherwise: it would undo R1)")
     rotate.set_defaults(func=run)
@@ -45,6 +57,14 @@ def run(args: argparse.Namespace) -> int:
     warnings = ignored_options(args)
     for text in warnings:
         say("warning", text)
+    smooth = None
+    if args.smooth:
+        from spinquant_onnx.integrations.smoothing import smoothing_from_tokens
+
+        smooth = smoothing_from_tokens(
+            args.input, args.smooth, alpha=args.smooth_alpha, sites=args.smooth_sites, windows=args.smooth_windows,
+            window_len=args.smooth_window_len, offset=args.smooth_offset,
+        )
     report = convert(
         args.input,
         args.output,
@@ -62,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         r4=args.r4,
         rotation_file=args.rotation_file,
         force=args.force,
+        smooth=smooth,
     )
     data = report.to_dict()
     late = after_run_warnings(args, data)
@@ -136,6 +157,10 @@ def summary(output: str, data: dict[str, Any]) -> str:
         parts.append(f"R2 (head_dim {'/'.join(map(str, dims))}) in {len(rot['r2'])} blocks")
     if rot.get("r3"):
         parts.append(f"R3 online on Q and K in {len(rot['r3'])} blocks")
+    if rot.get("smooth"):
+        smooth = rot["smooth"]
+        parts.append(f"smoothed {'/'.join(smooth['sites'])} inputs (alpha {smooth['alpha']:g}) at "
+                     f"{len(smooth['layers'])} sites")
     if rot.get("r4"):
         orders = sorted({site["order"] for site in rot["r4"]})
         parts.append(f"R4 online (order {'/'.join(map(str, orders))}) in {len(rot['r4'])} blocks")

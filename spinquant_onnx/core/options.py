@@ -39,6 +39,7 @@ class Options:
     r4: bool = False
     rotation_file: str | os.PathLike | None = None
     force: bool = False  # rotate a model this tool already rotated (#13: refused by default)
+    smooth: Any = None  # rewrite.smooth.Smoothing: channel smoothing of o/down inputs before R2/R4
 
     def __post_init__(self) -> None:
         if self.rotation not in KINDS:
