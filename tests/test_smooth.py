@@ -14,7 +14,7 @@ from spinquant_onnx.core.equivalence import compare_models
 from spinquant_onnx.core.pipeline import convert
 from spinquant_onnx.errors import InputError, UnsupportedGraphError
 from spinquant_onnx.integrations.dispatch import apply_spinquant
-from spinquant_onnx.integrations.smoothing import collect_maxima, site_inputs, smoothing_from_tokens
+from spinquant_onnx.integrations.activation_stats import collect_maxima, site_inputs, smoothing_from_tokens
 from spinquant_onnx.match.analysis import analyze
 from spinquant_onnx.rewrite.smooth import Smoothing, smoothing_scales
 
@@ -105,28 +105,22 @@ def test_bad_options_and_foreign_statistics_are_refused(token_file: Path) -> Non
         apply_spinquant(model, smooth=other)
 
 
-def test_cli_rotate_smooth_validates(token_file: Path, tmp_path: Path, capsys) -> None:
+CALIBRATION = ["--calibration-windows", "2", "--calibration-window-len", "32", "--calibration-offset", "64"]
+
+
+def test_cli_rotate_smooth_and_float_channels_validate(token_file: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out.onnx"
-    code = main(
-        [
-            "rotate",
-            str(FIXTURES / "llama_ts.onnx"),
-            str(out),
-            "--r2",
-            "--r4",
-            "--smooth",
-            str(token_file),
-            "--smooth-alpha",
-            "0.4",
-            "--smooth-windows",
-            "2",
-            "--smooth-window-len",
-            "32",
-            "--smooth-offset",
-            "64",
-            "--validate",
-        ]
-    )
-    assert code == 0
+    args = ["rotate", str(FIXTURES / "llama_ts.onnx"), str(out), "--r2", "--r4", "--calibration", str(token_file)]
+    args += [*CALIBRATION, "--smooth", "--smooth-alpha", "0.4", "--float-channels", "3", "--validate"]
+    assert main(args) == 0
     text = capsys.readouterr().out
-    assert "smoothed down/o inputs (alpha 0.4) at 4 sites" in text and "validated on" in text
+    assert "smoothed down/o inputs (alpha 0.4) at 4 sites" in text
+    assert "3 down_proj input channels on a float side path in 2 blocks" in text and "validated on" in text
+
+
+@pytest.mark.parametrize("flag", [["--smooth"], ["--float-channels", "2"]])
+def test_cli_refuses_smoothing_without_statistics(flag: list[str], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out.onnx"
+    assert main(["rotate", str(FIXTURES / "llama_ts.onnx"), str(out), *flag]) == 2
+    assert "needs activation statistics: add --calibration TOKENS.npy" in capsys.readouterr().err
+    assert not out.exists()

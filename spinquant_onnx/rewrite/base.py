@@ -51,6 +51,7 @@ class PassContext:
     counts: dict[str, int] = field(default_factory=dict)  # norms_fused, weights_rotated
     online: list[dict[str, str]] = field(default_factory=list)  # online nodes, in insertion order
     done: dict[str, Any] = field(default_factory=dict)  # per-pass report entries (r2, r3, r4)
+    row_scales: dict[str, Any] = field(default_factory=dict)  # weight -> input-row scales --smooth planned
 
     @property
     def uses_r2(self) -> bool:

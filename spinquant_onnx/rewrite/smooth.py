@@ -15,7 +15,7 @@ channels (SmoothRot: smoothing first, then the Hadamard spreads what is left):
   repeat_kv's and GroupQueryAttention's layout); the value path is checked as R2 checks it.
 
 ``max|x_j|`` comes from running the original model on calibration tokens (``Smoothing.maxima``, keyed by
-the linear's input tensor; ``integrations.smoothing`` collects it). The pass only scales weights, so the
+the linear's input tensor; ``integrations.activation_stats`` collects it). The pass only scales weights, so the
 float model is unchanged up to rounding; R2 and R4 then rotate the smoothed weights as usual.
 """
 
@@ -93,7 +93,7 @@ def _input_max(smoothing: Smoothing, linear: Linear, where: str) -> np.ndarray:
     if found is None:
         raise InputError(
             f"--smooth: no activation statistics for {where}'s input '{name}'; they must be collected on this "
-            "same model (spinquant_onnx.integrations.smoothing.collect_maxima)"
+            "same model (spinquant_onnx.integrations.activation_stats.collect_maxima)"
         )
     if found.shape != (linear.in_features,):
         raise InputError(
@@ -253,10 +253,12 @@ def prepare_o(index: GraphIndex, sites: list[AttentionSite], smoothing: Smoothin
 # ------------------------------------------------------------------------------------------------ plan
 
 
-def plan_smoothing(prepared: list[SmoothSite], plan: Any) -> list[dict[str, Any]]:
-    """``1/s`` on the producer's columns (and bias), ``s`` on the consumer's input rows; report entries."""
+def plan_smoothing(prepared: list[SmoothSite], plan: Any, row_scales: dict[str, Any]) -> list[dict[str, Any]]:
+    """``1/s`` on the producer's columns (and bias), ``s`` on the consumer's input rows (also recorded in
+    ``row_scales``, for passes that read the consumer's rows later); report entries."""
     report = []
     for site in prepared:
+        row_scales[site.consumer.weight] = site.consumer_scales
         producer, consumer = site.producer, site.consumer
         inverse = np.ones(producer.out_features)
         inverse[site.columns[0] : site.columns[1]] = 1.0 / site.scales
@@ -304,5 +306,5 @@ class Smooth:
             "alpha": smoothing.alpha,
             "sites": list(smoothing.sites),
             "statistics": smoothing.source,
-            "layers": plan_smoothing(checked, ctx.plan),
+            "layers": plan_smoothing(checked, ctx.plan, ctx.row_scales),
         }

@@ -1,14 +1,16 @@
-"""The statistics ``rotate --smooth`` needs: each smoothed linear's input max |x| per channel, measured.
+"""The statistics ``rotate --smooth`` and ``--float-channels`` need: o_proj's and down_proj's input max |x|
+per channel, measured.
 
-The original (unrotated) model runs in onnxruntime on calibration windows of a token file, with the
-inputs of o_proj and down_proj exposed as extra outputs; the per-channel maxima over every token are what
-``rewrite.smooth`` turns into SmoothQuant scales. Windows start at ``offset`` (default: past the text
-``eval`` scores and calibrates on), so the scales are never fit to the text they are judged on.
+The original (unrotated) model runs in onnxruntime on calibration windows of a token file, with those
+inputs exposed as extra outputs; the per-channel maxima over every token are what ``rewrite.smooth`` turns
+into SmoothQuant scales and ``rewrite.float_channels`` ranks. Windows start at ``offset`` (default: past
+the text ``eval`` scores and calibrates on), so nothing is fit to the text it is judged on.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +35,7 @@ def site_inputs(analysis: Analysis, sites: tuple[str, ...]) -> list[str]:
         for entry in part.writers
     ]
     if not names:
-        raise InputError(f"--smooth: no {' or '.join(sites)} projection found in the matched blocks")
+        raise InputError(f"--calibration: no {' or '.join(sites)} projection found in the matched blocks")
     return names
 
 
@@ -51,18 +53,18 @@ def collect_maxima(
     path = Path(model_path)
     needed = offset + windows * window_len
     if windows < 1 or window_len < 2 or offset < 0:
-        raise InputError("--smooth: need at least 1 window of 2 tokens and a non-negative offset")
+        raise InputError("--calibration: need at least 1 window of 2 tokens and a non-negative offset")
     if tokens.size < needed:
         raise InputError(
-            f"--smooth: the token file has {tokens.size} ids; {windows} windows of {window_len} from offset "
-            f"{offset} need {needed} (lower --smooth-offset or --smooth-windows)"
+            f"--calibration: the token file has {tokens.size} ids; {windows} windows of {window_len} from offset "
+            f"{offset} need {needed} (lower --calibration-offset or --calibration-windows)"
         )
     model = _load_full(path)
     try:
         analysis = analyze(model, path.parent)
         names = site_inputs(analysis, sites)
     except SpinQuantError as exc:
-        raise InputError(f"--smooth: {path}: {exc}") from None
+        raise InputError(f"--calibration: {path}: {exc}") from None
     hints = cache_hints(model, lambda: analysis)
     calibration = tokens[offset:needed].reshape(windows, window_len)
     maxima: dict[str, np.ndarray] = {}
@@ -75,22 +77,33 @@ def collect_maxima(
     return maxima
 
 
+def calibrate(
+    model_path: str | Path,
+    tokens_path: str | Path,
+    *,
+    sites: tuple[str, ...] = SITES,
+    windows: int = DEFAULT_WINDOWS,
+    window_len: int = DEFAULT_WINDOW_LEN,
+    offset: int = DEFAULT_OFFSET,
+    providers: list[str] | None = None,
+) -> tuple[dict[str, np.ndarray], str]:
+    """The maxima from a token file, and a line saying where they came from (for the report)."""
+    tokens = load_tokens(tokens_path)
+    maxima = collect_maxima(
+        model_path, tokens, sites=sites, windows=windows, window_len=window_len, offset=offset, providers=providers
+    )
+    return maxima, f"{tokens_path}: {windows} windows of {window_len} tokens from offset {offset}"
+
+
 def smoothing_from_tokens(
     model_path: str | Path,
     tokens_path: str | Path,
     *,
     alpha: float = 0.5,
     sites: tuple[str, ...] = SITES,
-    windows: int = DEFAULT_WINDOWS,
-    window_len: int = DEFAULT_WINDOW_LEN,
-    offset: int = DEFAULT_OFFSET,
-    providers: list[str] | None = None,
+    **calibration: Any,
 ) -> Smoothing:
     """``Smoothing`` for ``convert(..., smooth=...)``: options checked first, then the maxima measured."""
     Smoothing({}, alpha, sites)  # refuses a bad alpha or site list before the model runs
-    tokens = load_tokens(tokens_path)
-    maxima = collect_maxima(
-        model_path, tokens, sites=sites, windows=windows, window_len=window_len, offset=offset, providers=providers
-    )
-    source = f"{tokens_path}: {windows} windows of {window_len} tokens from offset {offset}"
+    maxima, source = calibrate(model_path, tokens_path, sites=sites, **calibration)
     return Smoothing(maxima, alpha, sites, source)
