@@ -13,8 +13,8 @@ from spinquant_onnx.cli import main
 from spinquant_onnx.core.equivalence import compare_models
 from spinquant_onnx.core.pipeline import convert
 from spinquant_onnx.errors import InputError, UnsupportedGraphError
-from spinquant_onnx.integrations.dispatch import apply_spinquant
 from spinquant_onnx.integrations.activation_stats import collect_maxima, site_inputs, smoothing_from_tokens
+from spinquant_onnx.integrations.dispatch import apply_spinquant
 from spinquant_onnx.match.analysis import analyze
 from spinquant_onnx.rewrite.smooth import Smoothing, smoothing_scales
 
