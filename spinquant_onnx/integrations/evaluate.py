@@ -338,9 +338,15 @@ def schemes(config: EvalConfig) -> dict[str, str]:
     head = "lm_head quantized too" if config.quantize_lm_head else "lm_head float"
     w4 = f"onnxruntime MatMulNBitsQuantizer DEFAULT (round to nearest), 4-bit symmetric, {head}, online rotations float"
     return {
-        "w8a8": "onnxruntime quantize_static: QDQ on MatMuls with a constant weight, per-channel int8 weights, "
-        f"per-tensor uint8 activations, MinMax calibration on the held-out windows; {head}, online rotations "
-        "float; run with QDQ fusion off (session.disable_quant_qdq), i.e. exactly dequantize-then-float",
+        "w8a8": "onnxruntime quantize_static: QDQ on MatMuls (in QDQ format ORT quantizes every MatMul's inputs "
+        "and output, attention's two activation MatMuls included; MatMulConstBOnly only applies to QOperator), "
+        "per-channel int8 weights, per-tensor uint8 activations, MinMax calibration on the held-out windows; "
+        f"{head}, online rotations float; run with QDQ fusion off (session.disable_quant_qdq), i.e. exactly "
+        "dequantize-then-float",
+        **{
+            row: f"the W8A8 model's quantizers for {FAMILIES[row.removeprefix(PREFIX)]} (same scales), the rest float"
+            for row in SENSITIVITY_ROWS
+        },
         "w8a8-int": "the same W8A8 model run by onnxruntime's fused int8 kernels (u8s8; saturates without VNNI)",
         "w4-128": f"{w4}, block 128",
         "w4-32": f"{w4}, block 32",

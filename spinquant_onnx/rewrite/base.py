@@ -81,7 +81,7 @@ def register(cls: type) -> type:
 
 
 def registered() -> list[Pass]:
-    """Every pass of this package, by ``order`` (norm fusion, R1, R1 online, R2, R3, R4)."""
+    """Every pass of this package, by ``order`` (norm fusion, smoothing, R1, R1 online, R2, R3, float channels, R4)."""
     package = importlib.import_module(__package__)
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{__package__}.{module.name}")
