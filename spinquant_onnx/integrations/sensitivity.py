@@ -39,7 +39,7 @@ FAMILIES = {
     "down": "down_proj input only",
     "outputs": "linear outputs only",
     "other": "other activations only",
-    "linear": "weights + linear inputs (no outputs, no attention matmuls)",
+    "linear": "weights and linear inputs only",
 }
 LINEAR_FAMILIES = ("qkv", "o", "gate_up", "down")
 # (sub-block kind, readers or writers) -> family
