@@ -182,7 +182,7 @@ def residual_points(analysis: Analysis) -> list[str]:
     stream = analysis.stream
     points = [stream.embedding.output] if stream.embedding is not None else list(stream.entries)
     points += [e.add.output[0] for e in stream.writers if e.add is not None and e.add.op_type == "Add"]
-    return points
+    return list(dict.fromkeys(points))  # one Add with several writers (MoE experts, a float side path) once
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
