@@ -64,18 +64,30 @@ def test_the_largest_channels_leave_down_proj(tokens: np.ndarray, tmp_path: Path
     window = tokens[WINDOWS["offset"] : WINDOWS["offset"] + WINDOWS["window_len"]]
     with _session(with_outputs(model, names), None) as session:
         values = session.run(names, _feeds(session_inputs(session), window))
-    for block, (site, value) in enumerate(zip(downs.values(), values, strict=True)):
-        original = maxima[list(maxima)[block]] if len(maxima) == 2 else None
+    down_maxima = list(collect_maxima(FIXTURES / name, tokens, sites=("down",), **WINDOWS).values())  # block order
+    for site, value, original in zip(downs.values(), values, down_maxima, strict=True):
+        assert site["channels"] == sorted(np.argsort(-original)[:4].tolist())  # the K largest, by the statistics
         seen = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
         assert np.all(seen[site["channels"]] == 0.0)
         rest = np.delete(seen, site["channels"])
         assert rest.max() <= site["largest_kept_max_abs"] * (1 + 1e-5)
         assert site["peak_max_abs"] > rest.max()
-        if original is not None:
-            assert sorted(np.argsort(-original)[:4].tolist()) == site["channels"]
 
 
 def test_float_channels_without_statistics_are_refused() -> None:
     model = onnx.load(str(FIXTURES / "llama_ts.onnx"))
     with pytest.raises(InputError, match="--float-channels needs activation statistics"):
         apply_spinquant(model, float_channels=2)
+
+
+def test_eval_sees_the_same_residual_points_after_the_split(tokens: np.ndarray, tmp_path: Path) -> None:
+    """The side path's Add is a second writer of the block's residual Add, not a new stream point."""
+    from spinquant_onnx.integrations import evaluate as ev
+
+    out = tmp_path / "split.onnx"
+    convert(FIXTURES / "llama_ts.onnx", out, float_channels=2, activation_maxima=_maxima("llama_ts.onnx", tokens))
+    config = ev.EvalConfig(windows=2, window_len=16, calibration_windows=1, rows=("float",))
+    before = ev.evaluate_model(FIXTURES / "llama_ts.onnx", tokens, config)
+    after = ev.evaluate_model(out, tokens, config)
+    assert after.residual_absmax.shape == before.residual_absmax.shape == (1 + 2 * 2, 64)
+    assert after.perplexity["float"] == pytest.approx(before.perplexity["float"], rel=1e-5)
