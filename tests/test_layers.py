@@ -69,4 +69,5 @@ def test_no_import_cycles() -> None:
 def test_passes_are_registered_in_pipeline_order() -> None:
     from spinquant_onnx.rewrite.base import registered
 
-    assert [p.name for p in registered()] == ["fuse_norms", "r1", "r1_online", "r2", "r3", "r4"]
+    expected = ["fuse_norms", "smooth", "r1", "r1_online", "r2", "r3", "float_channels", "r4"]
+    assert [p.name for p in registered()] == expected

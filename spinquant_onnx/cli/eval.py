@@ -48,6 +48,17 @@ def check_optional_dependencies(args: argparse.Namespace) -> None:
             raise InputError(f"{option} needs {module}, which is not installed: {fix}") from None
 
 
+def chosen_rows(rows: tuple[str, ...] | None, sensitivity: bool) -> tuple[str, ...]:
+    """``--rows`` (default: DEFAULT_ROWS); ``--sensitivity`` adds float, W8A8 and one row per site family
+    (and alone asks for nothing else)."""
+    from spinquant_onnx.integrations.evaluate import DEFAULT_ROWS, ROWS, SENSITIVITY_ROWS
+
+    if not sensitivity:
+        return DEFAULT_ROWS if rows is None else rows
+    wanted = {*(rows or ()), "float", "w8a8", *SENSITIVITY_ROWS}
+    return tuple(row for row in ROWS if row in wanted)
+
+
 def run(args: argparse.Namespace) -> int:
     check_optional_dependencies(args)
     from spinquant_onnx.integrations import evaluate as ev
@@ -56,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         windows=args.windows,
         window_len=args.window_len,
         calibration_windows=args.calibration_windows,
-        rows=args.rows,
+        rows=chosen_rows(args.rows, args.sensitivity),
         providers=args.providers,
         activations=True,
         quantize_lm_head=args.quantize_lm_head,
@@ -106,9 +117,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--rows",
         type=_rows,
-        default=DEFAULT_ROWS,
+        default=None,
         help=f"comma list from {','.join(ROWS)} (default {','.join(DEFAULT_ROWS)}); w8a8-int runs the W8A8 "
         "model with onnxruntime's fused int8 kernels instead of as dequantize-then-float",
+    )
+    parser.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="also W8A8 with one site family quantized at a time (weights only; the input of q/k/v, o_proj, "
+        "gate/up, down_proj; other activations), from the matched roles and the full W8A8 model's scales",
     )
     parser.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: float)")
     parser.add_argument("--providers", type=_providers, default=None, help="onnxruntime providers (default cpu)")

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from spinquant_onnx.cli.common import positive, providers, say, write_json
+from spinquant_onnx.errors import InputError
 from spinquant_onnx.rotation.kinds import KINDS
 
 
@@ -33,6 +34,23 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     rotate.add_argument("--r4", action="store_true", help="also R4: online Hadamard before down_proj")
     rotate.add_argument("--rotation-file", metavar="FILE",
                         help="learned rotations (SpinQuant R.bin or .npz with R1 / model.layers.N.self_attn.R2)")
+    calib = rotate.add_argument_group(
+        "activation statistics", "--smooth and --float-channels use the original model's per-channel max |x| of "
+        "o_proj's and down_proj's inputs, measured on windows of a token file")
+    calib.add_argument("--calibration", metavar="TOKENS.npy", help="1-D .npy of token ids to measure them on")
+    calib.add_argument("--calibration-windows", type=positive, default=4, help="windows (default 4)")
+    calib.add_argument("--calibration-window-len", type=positive, default=256, help="tokens per window (default 256)")
+    calib.add_argument("--calibration-offset", type=int, default=4096,
+                       help="first token used (default 4096: past what eval scores and calibrates on)")
+    calib.add_argument("--smooth", action="store_true",
+                       help="SmoothQuant scales moved from o_proj's / down_proj's inputs into v / up (exact)")
+    calib.add_argument("--smooth-alpha", type=float, default=0.5,
+                       help="migration strength a in s = max|x|^a / max|W|^(1-a) (default 0.5)")
+    calib.add_argument("--smooth-sites", type=lambda v: tuple(s.strip() for s in v.split(",") if s.strip()),
+                       default=("down", "o"), help="comma list from down,o (default both)")
+    calib.add_argument("--float-channels", type=positive, default=None, metavar="K",
+                       help="compute the K largest down_proj input channels on a float side path (exact), so "
+                       "their massive values set neither down_proj's input nor its output range")
     rotate.add_argument("--force", action="store_true",
                         help="rotate a model spinquant-onnx already rotated (refused otherwise: it would undo R1)")
     rotate.set_defaults(func=run)
@@ -45,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     warnings = ignored_options(args)
     for text in warnings:
         say("warning", text)
+    smooth, maxima = calibration(args)
     report = convert(
         args.input,
         args.output,
@@ -62,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
         r4=args.r4,
         rotation_file=args.rotation_file,
         force=args.force,
+        smooth=smooth,
+        float_channels=args.float_channels or 0,
+        activation_maxima=maxima,
     )
     data = report.to_dict()
     late = after_run_warnings(args, data)
@@ -83,6 +105,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def calibration(args: argparse.Namespace) -> tuple[Any, dict | None]:
+    """The Smoothing and the maxima --smooth / --float-channels ask for, measured once (options checked first)."""
+    if not (args.smooth or args.float_channels):
+        return None, None
+    if not args.calibration:
+        asked = "--smooth" if args.smooth else "--float-channels"
+        raise InputError(f"{asked} needs activation statistics: add --calibration TOKENS.npy")
+    from spinquant_onnx.integrations.activation_stats import calibrate
+    from spinquant_onnx.rewrite.smooth import Smoothing
+
+    if args.smooth:
+        Smoothing({}, args.smooth_alpha, args.smooth_sites)  # a bad alpha or site list: refused before any run
+    sites = tuple(sorted({*(args.smooth_sites if args.smooth else ()), *(("down",) if args.float_channels else ())}))
+    maxima, source = calibrate(args.input, args.calibration, sites=sites, windows=args.calibration_windows,
+                               window_len=args.calibration_window_len, offset=args.calibration_offset)
+    smooth = Smoothing(maxima, args.smooth_alpha, args.smooth_sites, source) if args.smooth else None
+    return smooth, maxima if args.float_channels else None
+
+
 def ignored_options(args: argparse.Namespace) -> list[str]:
     """Options the run will not use, known before it starts (the rotation file's contents are checked later)."""
     found = []
@@ -91,6 +132,8 @@ def ignored_options(args: argparse.Namespace) -> list[str]:
                      "random-orthogonal for a seeded R1")
     if args.trust_roles and not args.roles:
         found.append("--trust-roles is ignored without --roles")
+    if args.calibration and not (args.smooth or args.float_channels):
+        found.append("--calibration is ignored without --smooth or --float-channels")
     validates = args.validate or bool(args.roles and not args.trust_roles)  # a role map forces validation
     if args.providers and not validates:
         found.append("--providers is ignored without --validate (it picks where the check runs)")
@@ -136,6 +179,13 @@ def summary(output: str, data: dict[str, Any]) -> str:
         parts.append(f"R2 (head_dim {'/'.join(map(str, dims))}) in {len(rot['r2'])} blocks")
     if rot.get("r3"):
         parts.append(f"R3 online on Q and K in {len(rot['r3'])} blocks")
+    if rot.get("smooth"):
+        smooth = rot["smooth"]
+        parts.append(f"smoothed {'/'.join(smooth['sites'])} inputs (alpha {smooth['alpha']:g}) at "
+                     f"{len(smooth['layers'])} sites")
+    if rot.get("float_channels"):
+        count = len(rot["float_channels"][0]["channels"])
+        parts.append(f"{count} down_proj input channels on a float side path in {len(rot['float_channels'])} blocks")
     if rot.get("r4"):
         orders = sorted({site["order"] for site in rot["r4"]})
         parts.append(f"R4 online (order {'/'.join(map(str, orders))}) in {len(rot['r4'])} blocks")

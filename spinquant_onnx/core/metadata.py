@@ -2,9 +2,9 @@
 
 A Hadamard is its own inverse, so rotating a rotated model again quietly *undoes* R1 (and validation
 passes, since the function is unchanged): without a mark, nothing says which file is which. Every
-output therefore records the tool version, the rotation (kind, seed, order, block size), R2/R3/R4 and
-the names of every online node; ``rotate`` refuses a marked model unless ``force`` is given, and
-``inspect`` shows the record.
+output therefore records the tool version, the rotation (kind, seed, order, block size), R2/R3/R4,
+smoothing's alpha, the float-channel count and the names of every online node; ``rotate`` refuses a
+marked model unless ``force`` is given, and ``inspect`` shows the record.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def record(model: onnx.ModelProto, report: dict[str, Any]) -> dict[str, str]:
     """The metadata entries for a model rewritten as ``report`` (``Report.to_dict()``) says."""
     rotation = report.get("rotation", {})
     online = [node.name for node in model.graph.node if node.name.startswith(INSERTED_PREFIX)]
+    split = rotation.get("float_channels") or []
     entries = {
         "version": _version(),
         "rotation": str(rotation.get("kind")),
@@ -41,6 +42,8 @@ def record(model: onnx.ModelProto, report: dict[str, Any]) -> dict[str, str]:
         "r3": json.dumps(bool(rotation.get("r3"))),
         "r4": json.dumps(bool(rotation.get("r4"))),
         "rotation_file": json.dumps(rotation.get("rotation_file")),
+        "smooth": json.dumps(rotation["smooth"]["alpha"] if rotation.get("smooth") else None),
+        "float_channels": json.dumps(len(split[0]["channels"]) if split else 0),
         "online_nodes": json.dumps(online),
     }
     return {PREFIX + key: value for key, value in entries.items()}
@@ -61,7 +64,7 @@ def read(model: onnx.ModelProto) -> dict[str, Any] | None:
     found = {p.key[len(PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
     if not found:
         return None
-    for key in ("r2", "r3", "r4", "online_nodes", "rotation_file"):
+    for key in ("r2", "r3", "r4", "online_nodes", "rotation_file", "smooth", "float_channels"):
         if key in found:
             try:
                 found[key] = json.loads(found[key])

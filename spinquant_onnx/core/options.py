@@ -39,6 +39,9 @@ class Options:
     r4: bool = False
     rotation_file: str | os.PathLike | None = None
     force: bool = False  # rotate a model this tool already rotated (#13: refused by default)
+    smooth: Any = None  # rewrite.smooth.Smoothing: channel smoothing of o/down inputs before R2/R4
+    float_channels: int = 0  # down_proj input channels (the K largest) computed on a float side path
+    activation_maxima: dict | None = None  # per-channel max |x| of o/down inputs (integrations.activation_stats)
 
     def __post_init__(self) -> None:
         if self.rotation not in KINDS:

@@ -36,14 +36,17 @@ from spinquant_onnx.integrations.quantize import (
     quantize_w8a8,
     session_inputs,
 )
+from spinquant_onnx.integrations.sensitivity import FAMILIES, PREFIX, Variants, families
 from spinquant_onnx.io.model_file import load_model
 from spinquant_onnx.match.analysis import Analysis, analyze
 
-ROWS = ("float", "w8a8", "w8a8-int", "w4-128", "w4-32")
+SENSITIVITY_ROWS = tuple(PREFIX + family for family in FAMILIES)
+ROWS = ("float", "w8a8", *SENSITIVITY_ROWS, "w8a8-int", "w4-128", "w4-32")
 DEFAULT_ROWS = ("float", "w8a8", "w4-128", "w4-32")
 ROW_LABELS = {
     "float": "float",
     "w8a8": "W8A8 (static QDQ, MinMax)",
+    **{PREFIX + family: f"W8A8, {label}" for family, label in FAMILIES.items()},
     "w8a8-int": "W8A8, ORT int8 kernels",
     "w4-128": "W4 RTN block 128",
     "w4-32": "W4 RTN block 32",
@@ -179,7 +182,7 @@ def residual_points(analysis: Analysis) -> list[str]:
     stream = analysis.stream
     points = [stream.embedding.output] if stream.embedding is not None else list(stream.entries)
     points += [e.add.output[0] for e in stream.writers if e.add is not None and e.add.op_type == "Add"]
-    return points
+    return list(dict.fromkeys(points))  # one Add with several writers (MoE experts, a float side path) once
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -246,15 +249,25 @@ def evaluate_model(
     analysis = functools.cache(lambda: analyze(graph, path.parent))  # matched once, only if a row needs it
     keep_float = excluded_nodes(graph, None if config.quantize_lm_head else analysis(), config.quantize_lm_head)
     hints = cache_hints(graph, analysis)
+    if any(row.startswith(PREFIX) for row in config.rows):
+        sites = families(analysis, str(path))  # refused before any quantization when the roles are not found
     with tempfile.TemporaryDirectory(prefix="spinquant_eval_") as tmp:
+        variants = functools.cache(
+            lambda: Variants(path, _quantized("w8a8", path, Path(tmp), calibration, keep_float, hints), sites)
+        )
         for row in config.rows:
             started = time.perf_counter()
             say(f"[{label}] {ROW_LABELS[row]} ...")
             if row == "float":
                 result.nll[row] = _score_float(path, scored, config, result, analysis, hints)
             else:
-                quantized = _quantized(row, path, Path(tmp), calibration, keep_float, hints)
-                with _session(quantized, config.providers, reference_qdq=row == "w8a8") as session:
+                family = row.startswith(PREFIX)
+                quantized: Path | onnx.ModelProto = (
+                    variants().model(row.removeprefix(PREFIX))
+                    if family
+                    else _quantized(row, path, Path(tmp), calibration, keep_float, hints)
+                )
+                with _session(quantized, config.providers, reference_qdq=row == "w8a8" or family) as session:
                     result.nll[row] = score(session, scored, hints=hints).nll
             result.perplexity[row] = math.exp(result.nll[row])
             result.timings[row] = round(time.perf_counter() - started, 2)
@@ -325,9 +338,15 @@ def schemes(config: EvalConfig) -> dict[str, str]:
     head = "lm_head quantized too" if config.quantize_lm_head else "lm_head float"
     w4 = f"onnxruntime MatMulNBitsQuantizer DEFAULT (round to nearest), 4-bit symmetric, {head}, online rotations float"
     return {
-        "w8a8": "onnxruntime quantize_static: QDQ on MatMuls with a constant weight, per-channel int8 weights, "
-        f"per-tensor uint8 activations, MinMax calibration on the held-out windows; {head}, online rotations "
-        "float; run with QDQ fusion off (session.disable_quant_qdq), i.e. exactly dequantize-then-float",
+        "w8a8": "onnxruntime quantize_static: QDQ on MatMuls (in QDQ format ORT quantizes every MatMul's inputs "
+        "and output, attention's two activation MatMuls included; MatMulConstBOnly only applies to QOperator), "
+        "per-channel int8 weights, per-tensor uint8 activations, MinMax calibration on the held-out windows; "
+        f"{head}, online rotations float; run with QDQ fusion off (session.disable_quant_qdq), i.e. exactly "
+        "dequantize-then-float",
+        **{
+            row: f"the W8A8 model's quantizers for {FAMILIES[row.removeprefix(PREFIX)]} (same scales), the rest float"
+            for row in SENSITIVITY_ROWS
+        },
         "w8a8-int": "the same W8A8 model run by onnxruntime's fused int8 kernels (u8s8; saturates without VNNI)",
         "w4-128": f"{w4}, block 128",
         "w4-32": f"{w4}, block 32",

@@ -175,7 +175,12 @@ class _Reader:
 def quantize_w8a8(
     source: Path, target: Path, calibration: np.ndarray, exclude: Sequence[str], hints: dict[str, int] | None = None
 ) -> Path:
-    """Static W8A8 QDQ on linears (MatMul with a constant weight): int8 per-channel weights, uint8 activations."""
+    """Static W8A8 QDQ on MatMuls: int8 per-channel weights, uint8 activations.
+
+    In QDQ format onnxruntime's MatMul quantizer ignores ``MatMulConstBOnly`` (only the QOperator path reads
+    it): every MatMul's inputs and output get a Q/DQ pair, the linears' outputs and attention's score and
+    probs @ V MatMuls included (``eval --sensitivity`` measures each of these families on its own).
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = _load_full(source)

@@ -51,6 +51,7 @@ class PassContext:
     counts: dict[str, int] = field(default_factory=dict)  # norms_fused, weights_rotated
     online: list[dict[str, str]] = field(default_factory=list)  # online nodes, in insertion order
     done: dict[str, Any] = field(default_factory=dict)  # per-pass report entries (r2, r3, r4)
+    row_scales: dict[str, Any] = field(default_factory=dict)  # weight -> input-row scales --smooth planned
 
     @property
     def uses_r2(self) -> bool:
@@ -80,7 +81,7 @@ def register(cls: type) -> type:
 
 
 def registered() -> list[Pass]:
-    """Every pass of this package, by ``order`` (norm fusion, R1, R1 online, R2, R3, R4)."""
+    """Every pass of this package, by ``order`` (norm fusion, smoothing, R1, R1 online, R2, R3, float channels, R4)."""
     package = importlib.import_module(__package__)
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{__package__}.{module.name}")
