@@ -19,7 +19,7 @@ import torch
 
 from spinquant_onnx.core.equivalence import infer_vocab_size
 from spinquant_onnx.integrations.learn.interpreter import TorchGraph, to_torch
-from spinquant_onnx.integrations.learn.quantizers import Scheme
+from spinquant_onnx.integrations.learn.quantizers import Scheme, activation_range
 from spinquant_onnx.integrations.learn.weights import (
     LearnedTensor,
     LearningPlan,
@@ -62,10 +62,17 @@ class Rotations(torch.nn.Module):
             out[key] = start @ cayley(a - a.T) if key in self.learn else start
         return out
 
+    def starts(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The starting matrices (A = 0)."""
+        return {key: getattr(self, f"start{n}").to(dtype) for n, key in enumerate(self.keys)}
+
     def final(self) -> dict[str, np.ndarray]:
         """The matrices in float64 (orthogonal to ~1e-15), for the rotation file."""
         with torch.no_grad():
             return {key: m.numpy() for key, m in self.matrices(torch.float64).items()}
+
+
+Ranges = dict[int, tuple[torch.Tensor, torch.Tensor]]  # id(MatMul node) -> (min, max) of its input
 
 
 @dataclass
@@ -81,11 +88,7 @@ def _uses(model: onnx.ModelProto, skip: set[str]) -> _Uses:
     for node in model.graph.node:
         for slot, name in enumerate(node.input):
             consumers[name].append((node, slot))
-        if (
-            node.op_type == "MatMul"
-            and node.input[1] in initializers
-            and node.name not in skip
-        ):
+        if node.op_type == "MatMul" and node.input[1] in initializers and node.name not in skip:
             quantized.add(id(node))
     return _Uses(quantized, consumers)
 
@@ -120,6 +123,8 @@ class QuantModel:
         for tensor in self.learned.values():
             self._place(tensor, uses)
         self.quantized = uses.quantized
+        self._observed: Ranges | None = None
+        self._float_weights: dict[str, torch.Tensor] | None = None
 
     def _place(self, tensor: LearnedTensor, uses: _Uses) -> None:
         """Where a learned tensor's ops run: on gathered rows, on a float linear's input, or on the weight."""
@@ -136,7 +141,18 @@ class QuantModel:
                 return
         self.materialized.append(tensor)
 
-    def _hooks(self, matrices: dict[str, torch.Tensor], quantize: bool) -> tuple[dict, dict]:
+    def _observe(self, node_id: int, x: torch.Tensor) -> None:
+        """While calibrating: widen the range recorded for this linear's input (the model stays float, as
+        onnxruntime's calibrator runs it)."""
+        low, high = activation_range(x.detach())
+        seen = self._observed.get(node_id)
+        if seen is not None:
+            low, high = torch.minimum(low, seen[0]), torch.maximum(high, seen[1])
+        self._observed[node_id] = (low, high)
+
+    def _hooks(
+        self, matrices: dict[str, torch.Tensor], quantize: bool, static: Ranges | None = None
+    ) -> tuple[dict, dict]:
         resolver, scheme = self.resolver, self.scheme
 
         def rows(tensor: LearnedTensor):
@@ -148,14 +164,17 @@ class QuantModel:
 
             return run
 
-        def inputs(tensors: list[LearnedTensor], quantize: bool):
+        def inputs(node_id: int, tensors: list[LearnedTensor], quantize: bool):
             def run(args: list) -> list:
                 x = args[0]
                 for tensor in tensors:
                     for op in reversed(tensor.ops):
                         x = resolver.apply_to_input(x, op, matrices)
-                if quantize:
-                    return [scheme.activation(x), scheme.weight(args[1]), *args[2:]]
+                if quantize and self._observed is not None:
+                    self._observe(node_id, x)
+                elif quantize:
+                    ranges = None if static is None else static[node_id]
+                    return [scheme.activation(x, ranges), scheme.weight(args[1]), *args[2:]]
                 return [x, *args[1:]]
 
             return run
@@ -164,7 +183,7 @@ class QuantModel:
         quantized = self.quantized if quantize else set()
         for node_id in set(self.input_hooks) | quantized:
             tensors = [t for _, t in self.input_hooks.get(node_id, [])]
-            input_hooks[node_id] = inputs(tensors, node_id in quantized)
+            input_hooks[node_id] = inputs(node_id, tensors, node_id in quantized)
         output_hooks = {node_id: rows(tensor) for node_id, (_, tensor) in self.output_hooks.items()}
         return input_hooks, output_hooks
 
@@ -189,14 +208,58 @@ class QuantModel:
                 feeds[name] = torch.arange(ids.shape[1], dtype=torch.int64).expand_as(ids)
         return feeds
 
-    def logits(self, windows: np.ndarray, quantize: bool = True) -> torch.Tensor:
+    def logits(
+        self,
+        windows: np.ndarray,
+        quantize: bool = True,
+        static: Ranges | None = None,
+        weights: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Logits of the rotated model; quantized with each batch's ranges, or ``static`` calibrated ones.
+        ``weights`` (``self.weights(self.rotations.matrices())``) may be passed in to reuse them."""
         matrices = self.rotations.matrices()
-        input_hooks, output_hooks = self._hooks(matrices, quantize)
-        return self.graph.run(self.feeds(windows), self.weights(matrices), input_hooks, output_hooks)[0]
+        input_hooks, output_hooks = self._hooks(matrices, quantize, static)
+        weights = self.weights(matrices) if weights is None else weights
+        return self.graph.run(self.feeds(windows), weights, input_hooks, output_hooks)[0]
 
-    def loss(self, windows: np.ndarray, quantize: bool = True) -> torch.Tensor:
-        """Mean next-token cross-entropy over the windows (each row one window)."""
-        logits = self.logits(windows, quantize)
-        targets = torch.from_numpy(np.ascontiguousarray(windows[:, 1:], dtype=np.int64))
+    def float_logits(self, windows: np.ndarray) -> torch.Tensor:
+        """The float model's logits (the distillation target): any rotation leaves them unchanged, so the
+        starting rotations' weights are computed once and reused."""
+        with torch.no_grad():
+            matrices = self.rotations.starts()
+            if self._float_weights is None:
+                self._float_weights = self.weights(matrices)
+            input_hooks, output_hooks = self._hooks(matrices, quantize=False)
+            return self.graph.run(self.feeds(windows), self._float_weights, input_hooks, output_hooks)[0]
+
+    def calibrate(self, windows: np.ndarray, weights: dict[str, torch.Tensor] | None = None) -> Ranges:
+        """Static activation ranges as ``quantize_static``'s MinMax calibrator finds them: min/max of each
+        quantized linear's input over the float (rotated) model on ``windows``, one window at a time."""
+        self._observed = {}
+        try:
+            with torch.no_grad():
+                for window in windows:
+                    self.logits(window[None], weights=weights)
+            return self._observed
+        finally:
+            self._observed = None
+
+    def loss(
+        self,
+        windows: np.ndarray,
+        quantize: bool = True,
+        static: Ranges | None = None,
+        kind: str = "ce",
+        weights: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Mean over the windows' next-token predictions of cross-entropy (``ce``) or of the KL divergence
+        from the float model's distribution (``kl``, distillation: a target for every vocabulary entry)."""
+        logits = self.logits(windows, quantize, static, weights)
         scores = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+        if kind == "kl":
+            target = self.float_logits(windows)[:, :-1].reshape(-1, logits.shape[-1]).float()
+            return torch.nn.functional.kl_div(
+                torch.log_softmax(scores, -1), torch.log_softmax(target, -1), reduction="batchmean", log_target=True
+            )
+        targets = torch.from_numpy(np.ascontiguousarray(windows[:, 1:], dtype=np.int64))
         return torch.nn.functional.cross_entropy(scores, targets.reshape(-1))
