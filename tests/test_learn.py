@@ -202,3 +202,46 @@ def test_cli_refuses_without_torch(
     err = capsys.readouterr().err
     assert "pip install" in err and "torch" in err
     assert not (tmp_path / "g.npz").exists()
+
+
+def test_static_fake_quant_is_what_eval_deploys(tmp_path: Path) -> None:
+    """Calibrated static ranges in torch give the logits of eval's W8A8 QDQ model in onnxruntime: same
+    sites (linears' inputs and outputs, both inputs of attention MatMuls), same scales, same rounding."""
+    from spinquant_onnx.integrations.quantize import keep_float, quantize_w8a8
+
+    rotated, quantized = tmp_path / "rot.onnx", tmp_path / "q.onnx"
+    convert(OUTLIER, rotated, r2=True, r4=True, rotation="hadamard")
+    model = QuantModel(OUTLIER, scheme("w8a8"), {"r1", "r2"}, r4=True, seed=0)
+    head = [n.name for n in model.graph.nodes if n.name == "/lm_head/MatMul"]
+    assert head
+    calibration = _ids(5, (2, 16))
+    quantize_w8a8(rotated, quantized, calibration, keep_float(onnx.load(str(rotated))) + head)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(str(quantized), options, providers=["CPUExecutionProvider"])
+    ids = _ids(6, (1, 16))
+    ref = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    with torch.no_grad():
+        static = model.logits(ids, static=model.calibrate(calibration)).numpy()
+        dynamic = model.logits(ids).numpy()
+    assert _rel(static, ref) < 1e-5
+    assert _rel(dynamic, ref) > 1e-3  # per-batch ranges are another function: why held-out uses static ones
+    assert _rel(_ort_logits(rotated, ids), ref) > 1e-2  # and the quantizers do change the logits
+
+
+def test_heldout_loss_is_logged_and_the_best_is_written(tmp_path: Path) -> None:
+    tokens = np.load(_tokens(tmp_path)).astype(np.int64)
+    config = LearnConfig(steps=4, window_len=32, eval_every=2, save_every=100)
+    learner = Learner(OUTLIER, tokens, tmp_path / "h.npz", config, threads=1)
+    result = learner.run()
+    assert [step for step, _ in result.heldout] == [0, 2, 4]
+    assert result.heldout_float is not None and result.heldout_float < result.heldout[0][1]
+    best = min(result.heldout, key=lambda item: item[1])
+    assert result.written_step == best[0]
+    learner.model.rotations.load_state_dict(learner.best)
+    assert learner.heldout_loss() == pytest.approx(best[1], rel=1e-6)  # the file holds the best rotations
+    written = _arrays(tmp_path / "h.npz")
+    for key, matrix in learner.model.rotations.final().items():
+        assert np.array_equal(written[key], matrix)
+        # the float32 matrices the model computes with are the float64 file's to float32 precision
+        assert np.abs(learner.model.rotations.matrices()[key].detach().numpy() - matrix).max() < 1e-5

@@ -72,25 +72,91 @@ class Rotations(torch.nn.Module):
             return {key: m.numpy() for key, m in self.matrices(torch.float64).items()}
 
 
-Ranges = dict[int, tuple[torch.Tensor, torch.Tensor]]  # id(MatMul node) -> (min, max) of its input
+OUTPUT = -1  # the slot of a MatMul's output in a Ranges key
+Ranges = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]  # (id(MatMul), input slot) -> (min, max)
 
 
 @dataclass
 class _Uses:
-    quantized: set[int]  # id(node) of MatMuls whose inputs are fake-quantized
+    quantized: set[int]  # id(node) of MatMuls with a constant weight: activation and weight fake-quantized
+    both: set[int]  # id(node) of MatMuls of two activations (attention): both quantized as activations
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]]
 
 
 def _uses(model: onnx.ModelProto, skip: set[str]) -> _Uses:
     initializers = {t.name for t in model.graph.initializer}
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-    quantized = set()
+    quantized, both = set(), set()
     for node in model.graph.node:
         for slot, name in enumerate(node.input):
             consumers[name].append((node, slot))
-        if node.op_type == "MatMul" and node.input[1] in initializers and node.name not in skip:
-            quantized.add(id(node))
-    return _Uses(quantized, consumers)
+        if node.op_type == "MatMul" and node.name not in skip:
+            (quantized if node.input[1] in initializers else both).add(id(node))
+    return _Uses(quantized, both, consumers)
+
+
+class _Hooks:
+    """The interpreter hooks of one forward pass: learned ops moved to the activation side, and fake
+    quantizers at every site eval's ``quantize_static`` QDQ puts them, with each batch's ranges, ``static``
+    calibrated ones, or (``observed`` is a dict: calibrating) none, the float ranges recorded instead."""
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        scheme: Scheme,
+        matrices: dict[str, torch.Tensor],
+        static: Ranges | None,
+        observed: Ranges | None,
+    ):
+        self.resolver, self.scheme, self.matrices = resolver, scheme, matrices
+        self.static, self.observed = static, observed
+
+    def _observe(self, key: tuple[int, int], x: torch.Tensor) -> None:
+        """Widen the range recorded for this site (the model stays float, as onnxruntime's calibrator runs it)."""
+        low, high = activation_range(x.detach())
+        seen = self.observed.get(key)
+        if seen is not None:
+            low, high = torch.minimum(low, seen[0]), torch.maximum(high, seen[1])
+        self.observed[key] = (low, high)
+
+    def _quantize(self, key: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+        if self.observed is not None:
+            self._observe(key, x)
+            return x
+        return self.scheme.activation(x, None if self.static is None else self.static[key])
+
+    def rows(self, tensor: LearnedTensor):
+        def run(outputs: list) -> list:
+            y = outputs[0]
+            for op in tensor.ops:  # the table's axis 1 is the gathered rows' last axis
+                y = self.resolver.rotate(y, -1, op.rotation, op.kind == "rotate_t", self.matrices)
+            return [y]
+
+        return run
+
+    def inputs(self, node_id: int, tensors: list[LearnedTensor], quantize: bool):
+        """A linear's input (learned ops moved onto it) and, when quantized, its activation and weight."""
+
+        def run(args: list) -> list:
+            x = args[0]
+            for tensor in tensors:
+                for op in reversed(tensor.ops):
+                    x = self.resolver.apply_to_input(x, op, self.matrices)
+            if not quantize:
+                return [x, *args[1:]]
+            x = self._quantize((node_id, 0), x)
+            weight = args[1] if self.observed is not None else self.scheme.weight(args[1])
+            return [x, weight, *args[2:]]
+
+        return run
+
+    def activations(self, node_id: int):
+        """quantize_static also puts QDQ on both inputs of an attention MatMul (q·kᵀ, p·v) ..."""
+        return lambda args: [self._quantize((node_id, 0), args[0]), self._quantize((node_id, 1), args[1]), *args[2:]]
+
+    def output(self, node_id: int):
+        """... and on every quantized MatMul's output (QLinearMatMul's uint8 result)."""
+        return lambda outputs: [self._quantize((node_id, OUTPUT), outputs[0])]
 
 
 class QuantModel:
@@ -122,7 +188,7 @@ class QuantModel:
         self.materialized: list[LearnedTensor] = []
         for tensor in self.learned.values():
             self._place(tensor, uses)
-        self.quantized = uses.quantized
+        self.quantized, self.both = uses.quantized, uses.both
         self._observed: Ranges | None = None
         self._float_weights: dict[str, torch.Tensor] | None = None
 
@@ -141,50 +207,20 @@ class QuantModel:
                 return
         self.materialized.append(tensor)
 
-    def _observe(self, node_id: int, x: torch.Tensor) -> None:
-        """While calibrating: widen the range recorded for this linear's input (the model stays float, as
-        onnxruntime's calibrator runs it)."""
-        low, high = activation_range(x.detach())
-        seen = self._observed.get(node_id)
-        if seen is not None:
-            low, high = torch.minimum(low, seen[0]), torch.maximum(high, seen[1])
-        self._observed[node_id] = (low, high)
-
     def _hooks(
         self, matrices: dict[str, torch.Tensor], quantize: bool, static: Ranges | None = None
     ) -> tuple[dict, dict]:
-        resolver, scheme = self.resolver, self.scheme
-
-        def rows(tensor: LearnedTensor):
-            def run(outputs: list) -> list:
-                y = outputs[0]
-                for op in tensor.ops:  # the table's axis 1 is the gathered rows' last axis
-                    y = resolver.rotate(y, -1, op.rotation, op.kind == "rotate_t", matrices)
-                return [y]
-
-            return run
-
-        def inputs(node_id: int, tensors: list[LearnedTensor], quantize: bool):
-            def run(args: list) -> list:
-                x = args[0]
-                for tensor in tensors:
-                    for op in reversed(tensor.ops):
-                        x = resolver.apply_to_input(x, op, matrices)
-                if quantize and self._observed is not None:
-                    self._observe(node_id, x)
-                elif quantize:
-                    ranges = None if static is None else static[node_id]
-                    return [scheme.activation(x, ranges), scheme.weight(args[1]), *args[2:]]
-                return [x, *args[1:]]
-
-            return run
-
+        hooks = _Hooks(self.resolver, self.scheme, matrices, static, self._observed)
         input_hooks = {}
         quantized = self.quantized if quantize else set()
         for node_id in set(self.input_hooks) | quantized:
             tensors = [t for _, t in self.input_hooks.get(node_id, [])]
-            input_hooks[node_id] = inputs(node_id, tensors, node_id in quantized)
-        output_hooks = {node_id: rows(tensor) for node_id, (_, tensor) in self.output_hooks.items()}
+            input_hooks[node_id] = hooks.inputs(node_id, tensors, node_id in quantized)
+        for node_id in self.both if quantize else ():
+            input_hooks[node_id] = hooks.activations(node_id)
+        output_hooks = {node_id: hooks.rows(tensor) for node_id, (_, tensor) in self.output_hooks.items()}
+        for node_id in (self.quantized | self.both) if quantize else ():
+            output_hooks[node_id] = hooks.output(node_id)
         return input_hooks, output_hooks
 
     def weights(self, matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
