@@ -38,8 +38,17 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize(
     "name",
-    ["llama_ts", "llama_dynamo", "qwen2_ts", "phi3_dynamo", "llama_tied_dynamo",
-     "families/gemma2_eager_tf5_ts17", "families/olmo2_dy18", "families/granite_ts17", "families/cohere_dy18"],
+    [
+        "llama_ts",
+        "llama_dynamo",
+        "qwen2_ts",
+        "phi3_dynamo",
+        "llama_tied_dynamo",
+        "families/gemma2_eager_tf5_ts17",
+        "families/olmo2_dy18",
+        "families/granite_ts17",
+        "families/cohere_dy18",
+    ],
 )
 def test_interpreter_reproduces_onnxruntime(name: str) -> None:
     path = FIXTURES / f"{name}.onnx"
@@ -80,7 +89,7 @@ def test_rotated_float_graph_is_the_same_function(name: str) -> None:
     assert 1e-4 < _rel(quantized, ref) < 0.5  # the quantizers are really in the graph, and sane
 
 
-def _tokens(tmp_path: Path, count: int = 4096 + 64) -> Path:
+def _tokens(tmp_path: Path, count: int = 4096 + 32 * 8) -> Path:
     path = tmp_path / "tokens.npy"
     np.save(path, np.random.default_rng(3).integers(0, 64, count).astype(np.int32))
     return path
@@ -88,8 +97,26 @@ def _tokens(tmp_path: Path, count: int = 4096 + 64) -> Path:
 
 def _learn(tmp_path: Path, name: str, steps: int, resume: bool = False, seed: int = 0, **extra: str) -> Path:
     out = tmp_path / name
-    argv = ["learn", str(OUTLIER), "--tokens", str(_tokens(tmp_path)), "--out", str(out), "--steps", str(steps),
-            "--window-len", "32", "--seed", str(seed), "--threads", "1", "--save-every", "1", "--quiet"]
+    argv = [
+        "learn",
+        str(OUTLIER),
+        "--tokens",
+        str(_tokens(tmp_path)),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--window-len",
+        "32",
+        "--seed",
+        str(seed),
+        "--threads",
+        "1",
+        "--save-every",
+        "1",
+        "--quiet",
+        *("--keep", "last", "--optimizer", "adam", "--lr", "1e-3", "--eval-every", "2"),
+    ]
     for key, value in extra.items():
         argv += [f"--{key.replace('_', '-')}", value]
     assert main([*argv, "--resume"] if resume else argv) == 0
@@ -132,16 +159,30 @@ def test_same_seed_same_file_and_resume_continues(tmp_path: Path) -> None:
 
 def test_resume_refuses_other_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _learn(tmp_path, "e.npz", steps=1)
-    argv = ["learn", str(OUTLIER), "--tokens", str(_tokens(tmp_path)), "--out", str(tmp_path / "e.npz"),
-            "--steps", "2", "--window-len", "32", "--lr", "0.5", "--resume", "--quiet"]
+    argv = [
+        "learn",
+        str(OUTLIER),
+        "--tokens",
+        str(_tokens(tmp_path)),
+        "--out",
+        str(tmp_path / "e.npz"),
+        "--steps",
+        "2",
+        "--window-len",
+        "32",
+        "--lr",
+        "0.5",
+        "--resume",
+        "--quiet",
+    ]
     assert main(argv) == 2
     assert "other options" in capsys.readouterr().err
 
 
 def test_loss_decreases_on_an_outlier_model(tmp_path: Path) -> None:
     """One fixed window, several steps: the quantized loss goes down from the Hadamard start."""
-    tokens = _tokens(tmp_path, 4096 + 32)  # exactly one training window
-    config = LearnConfig(steps=8, bits="w4a8", block=32, window_len=32, lr=0.002, save_every=100)
+    tokens = _tokens(tmp_path, 4096 + 32 * 5)  # exactly one training window (and 4 held out)
+    config = LearnConfig(steps=8, bits="w4a8", block=32, window_len=32, lr=0.002, optimizer="adam", save_every=100)
     learner = Learner(OUTLIER, np.load(tokens).astype(np.int64), tmp_path / "f.npz", config, threads=1)
     result = learner.run()
     assert len(result.losses) == 8
@@ -149,8 +190,9 @@ def test_loss_decreases_on_an_outlier_model(tmp_path: Path) -> None:
     assert np.mean(result.losses[-3:]) < result.losses[0] - 0.1
 
 
-def test_cli_refuses_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_without_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import importlib.util
 
     real = importlib.util.find_spec
@@ -160,3 +202,46 @@ def test_cli_refuses_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     err = capsys.readouterr().err
     assert "pip install" in err and "torch" in err
     assert not (tmp_path / "g.npz").exists()
+
+
+def test_static_fake_quant_is_what_eval_deploys(tmp_path: Path) -> None:
+    """Calibrated static ranges in torch give the logits of eval's W8A8 QDQ model in onnxruntime: same
+    sites (linears' inputs and outputs, both inputs of attention MatMuls), same scales, same rounding."""
+    from spinquant_onnx.integrations.quantize import keep_float, quantize_w8a8
+
+    rotated, quantized = tmp_path / "rot.onnx", tmp_path / "q.onnx"
+    convert(OUTLIER, rotated, r2=True, r4=True, rotation="hadamard")
+    model = QuantModel(OUTLIER, scheme("w8a8"), {"r1", "r2"}, r4=True, seed=0)
+    head = [n.name for n in model.graph.nodes if n.name == "/lm_head/MatMul"]
+    assert head
+    calibration = _ids(5, (2, 16))
+    quantize_w8a8(rotated, quantized, calibration, keep_float(onnx.load(str(rotated))) + head)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(str(quantized), options, providers=["CPUExecutionProvider"])
+    ids = _ids(6, (1, 16))
+    ref = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    with torch.no_grad():
+        static = model.logits(ids, static=model.calibrate(calibration)).numpy()
+        dynamic = model.logits(ids).numpy()
+    assert _rel(static, ref) < 1e-5
+    assert _rel(dynamic, ref) > 1e-3  # per-batch ranges are another function: why held-out uses static ones
+    assert _rel(_ort_logits(rotated, ids), ref) > 1e-2  # and the quantizers do change the logits
+
+
+def test_heldout_loss_is_logged_and_the_best_is_written(tmp_path: Path) -> None:
+    tokens = np.load(_tokens(tmp_path)).astype(np.int64)
+    config = LearnConfig(steps=4, window_len=32, eval_every=2, save_every=100)
+    learner = Learner(OUTLIER, tokens, tmp_path / "h.npz", config, threads=1)
+    result = learner.run()
+    assert [step for step, _ in result.heldout] == [0, 2, 4]
+    assert result.heldout_float is not None and result.heldout_float < result.heldout[0][1]
+    best = min(result.heldout, key=lambda item: item[1])
+    assert result.written_step == best[0]
+    learner.model.rotations.load_state_dict(learner.best)
+    assert learner.heldout_loss() == pytest.approx(best[1], rel=1e-6)  # the file holds the best rotations
+    written = _arrays(tmp_path / "h.npz")
+    for key, matrix in learner.model.rotations.final().items():
+        assert np.array_equal(written[key], matrix)
+        # the float32 matrices the model computes with are the float64 file's to float32 precision
+        assert np.abs(learner.model.rotations.matrices()[key].detach().numpy() - matrix).max() < 1e-5

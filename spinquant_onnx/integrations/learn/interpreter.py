@@ -205,8 +205,13 @@ def _layer_norm(attrs: Attrs, x: torch.Tensor, scale: torch.Tensor, bias=None) -
 
 
 def _topk(attrs: Attrs, x: torch.Tensor, k: torch.Tensor, *, outputs: int) -> list[torch.Tensor]:
-    found = torch.topk(x, int(k.reshape(-1)[0]), dim=attrs.get("axis", -1), largest=bool(attrs.get("largest", 1)),
-                       sorted=bool(attrs.get("sorted", 1)))
+    found = torch.topk(
+        x,
+        int(k.reshape(-1)[0]),
+        dim=attrs.get("axis", -1),
+        largest=bool(attrs.get("largest", 1)),
+        sorted=bool(attrs.get("sorted", 1)),
+    )
     return [found.values, found.indices.to(torch.int64)]
 
 

@@ -22,10 +22,15 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def activation_u8(x: torch.Tensor) -> torch.Tensor:
-    """Per-tensor asymmetric uint8 over this batch's range (onnxruntime MinMax: the range includes 0)."""
-    low = torch.clamp(x.min(), max=0.0)
-    high = torch.clamp(x.max(), min=0.0)
+def activation_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """onnxruntime MinMax's range of one tensor: (min, max), widened to include 0."""
+    return torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+
+
+def activation_u8(x: torch.Tensor, static: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-tensor asymmetric uint8 over this batch's range, or over a ``static`` calibrated one (what
+    ``quantize_static`` deploys: values outside it saturate)."""
+    low, high = activation_range(x) if static is None else static
     scale = torch.clamp((high - low) / 255.0, min=EPS)
     zero = torch.round(-low / scale).detach()
     q = torch.clamp(round_ste(x / scale) + zero, 0.0, 255.0)
@@ -63,8 +68,8 @@ class Scheme:
     weight_bits: int
     block: int = 128
 
-    def activation(self, x: torch.Tensor) -> torch.Tensor:
-        return activation_u8(x) if self.activations else x
+    def activation(self, x: torch.Tensor, static: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return activation_u8(x, static) if self.activations else x
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         return weight_i8(w) if self.weight_bits == 8 else weight_i4_blocks(w, self.block)

@@ -132,6 +132,8 @@ class Resolver:
             return torch.cat([parts[0], middle, parts[2]], dim=axis)
         block = self.block(rotation, matrices)
         matrix = block.T if transpose else block
+        if x.ndim == 2 and axis % 2 == 0 and matrix.shape[0] == x.shape[0]:
+            return matrix.T @ x  # a weight's input axis: one GEMM, no transposed copies
         y = x.movedim(axis, -1)
         shape = y.shape
         y = (y.reshape(*shape[:-1], shape[-1] // matrix.shape[0], matrix.shape[0]) @ matrix).reshape(shape)
