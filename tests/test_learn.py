@@ -95,19 +95,16 @@ def _tokens(tmp_path: Path, count: int = 4096 + 32 * 8) -> Path:
     return path
 
 
+def _learn_argv(tmp_path: Path, out: Path, steps: int) -> list[str]:
+    """learn on the outlier fixture: the model, tokens, output, steps and window length every test gives."""
+    return ["learn", str(OUTLIER), "--tokens", str(_tokens(tmp_path)), "--out", str(out), "--steps", str(steps),
+            "--window-len", "32"]
+
+
 def _learn(tmp_path: Path, name: str, steps: int, resume: bool = False, seed: int = 0, **extra: str) -> Path:
     out = tmp_path / name
     argv = [
-        "learn",
-        str(OUTLIER),
-        "--tokens",
-        str(_tokens(tmp_path)),
-        "--out",
-        str(out),
-        "--steps",
-        str(steps),
-        "--window-len",
-        "32",
+        *_learn_argv(tmp_path, out, steps),
         "--seed",
         str(seed),
         "--threads",
@@ -159,22 +156,7 @@ def test_same_seed_same_file_and_resume_continues(tmp_path: Path) -> None:
 
 def test_resume_refuses_other_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _learn(tmp_path, "e.npz", steps=1)
-    argv = [
-        "learn",
-        str(OUTLIER),
-        "--tokens",
-        str(_tokens(tmp_path)),
-        "--out",
-        str(tmp_path / "e.npz"),
-        "--steps",
-        "2",
-        "--window-len",
-        "32",
-        "--lr",
-        "0.5",
-        "--resume",
-        "--quiet",
-    ]
+    argv = [*_learn_argv(tmp_path, tmp_path / "e.npz", 2), "--lr", "0.5", "--resume", "--quiet"]
     assert main(argv) == 2
     assert "other options" in capsys.readouterr().err
 

@@ -8,10 +8,12 @@ the Softmax output in a MatMul is v; in an MLP, the reader that passes an activa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import onnx
 
+from spinquant_onnx.errors import UnsupportedGraphError
 from spinquant_onnx.graph.index import GraphIndex
 from spinquant_onnx.graph.ops import ACTIVATION_OPS, ATTENTION_OPS
 from spinquant_onnx.match.linears import Linear, linear_writing
@@ -50,6 +52,12 @@ class SubBlock:
     def closed(self) -> bool:
         return self.writer is not None or self.online_write is not None
 
+    def dense_writer(self, refusal: str) -> Linear:
+        """The one writer of a dense sub-block; a mixture of experts (or several writers) raises ``refusal``."""
+        if self.experts or len(self.writers) != 1:
+            raise UnsupportedGraphError(refusal)
+        return self.writers[0].linear
+
 
 @dataclass
 class Block:
@@ -62,6 +70,10 @@ class Roles:
     blocks: list[Block]
     final: SubBlock | None
     embedding: str | None
+
+    def parts_of(self, kind: str) -> Iterator[tuple[int, SubBlock]]:
+        """(block number, sub-block) of every sub-block of this kind, in layer order."""
+        return ((block.number, part) for block in self.blocks for part in block.parts if part.kind == kind)
 
     def all_linears(self) -> list[RoleEntry]:
         entries = [r for b in self.blocks for p in b.parts for r in p.readers + p.writers]

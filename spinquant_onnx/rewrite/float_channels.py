@@ -45,30 +45,25 @@ class FloatSite:
 def prepare(roles: Roles, index: GraphIndex, maxima: dict[str, np.ndarray], count: int) -> list[FloatSite]:
     """The K largest channels of every down_proj input (checked: dense, 2-D weight, statistics present)."""
     sites = []
-    for block in roles.blocks:
-        for part in block.parts:
-            if part.kind != "mlp":
-                continue
-            where = f"--float-channels, block {block.number}"
-            if part.experts or len(part.writers) != 1:
-                raise UnsupportedGraphError(f"{where}: mixture-of-experts MLPs are not split")
-            down = part.writers[0].linear
-            name = down.node.input[down.activation_slot]
-            found = maxima.get(name)
-            if found is None or found.shape != (down.in_features,):
-                raise InputError(f"{where}: no activation statistics for down_proj's input '{name}'")
-            if down.output in index.graph_outputs or count >= down.in_features:
-                raise UnsupportedGraphError(f"{where}: down_proj's output is a graph output or K >= its inputs")
-            order = np.argsort(-found, kind="stable")
-            sites.append(
-                FloatSite(
-                    block.number,
-                    down,
-                    np.sort(order[:count]).astype(np.int64),
-                    float(found[order[0]]),
-                    float(found[order[count]]),
-                )
+    for number, part in roles.parts_of("mlp"):
+        where = f"--float-channels, block {number}"
+        down = part.dense_writer(f"{where}: mixture-of-experts MLPs are not split")
+        name = down.node.input[down.activation_slot]
+        found = maxima.get(name)
+        if found is None or found.shape != (down.in_features,):
+            raise InputError(f"{where}: no activation statistics for down_proj's input '{name}'")
+        if down.output in index.graph_outputs or count >= down.in_features:
+            raise UnsupportedGraphError(f"{where}: down_proj's output is a graph output or K >= its inputs")
+        order = np.argsort(-found, kind="stable")
+        sites.append(
+            FloatSite(
+                number,
+                down,
+                np.sort(order[:count]).astype(np.int64),
+                float(found[order[0]]),
+                float(found[order[count]]),
             )
+        )
     if not sites:
         raise UnsupportedGraphError("--float-channels: no MLP down projection found")
     return sites

@@ -194,19 +194,14 @@ def _reads(index: GraphIndex, tensor: str, target: str, stop: set[str]) -> bool:
 
 def prepare_down(index: GraphIndex, roles: Roles, smoothing: Smoothing) -> list[SmoothSite]:
     sites = []
-    for block in roles.blocks:
-        for part in block.parts:
-            if part.kind != "mlp":
-                continue
-            where = f"--smooth, block {block.number}"
-            if part.experts or len(part.writers) != 1:
-                raise UnsupportedGraphError(f"{where}: mixture-of-experts MLPs are not smoothed; use --smooth-sites o")
-            down = part.writers[0].linear
-            up, columns = _up_source(index, part, down, where)
-            s = smoothing_scales(
-                _input_max(smoothing, down, f"down_proj {down.label}"), _row_max(index, down), smoothing.alpha
-            )
-            sites.append(SmoothSite(block.number, "down", up, columns, down, s, s, {"up": up.label}))
+    for number, part in roles.parts_of("mlp"):
+        where = f"--smooth, block {number}"
+        down = part.dense_writer(f"{where}: mixture-of-experts MLPs are not smoothed; use --smooth-sites o")
+        up, columns = _up_source(index, part, down, where)
+        s = smoothing_scales(
+            _input_max(smoothing, down, f"down_proj {down.label}"), _row_max(index, down), smoothing.alpha
+        )
+        sites.append(SmoothSite(number, "down", up, columns, down, s, s, {"up": up.label}))
     if not sites:
         raise UnsupportedGraphError("--smooth: no MLP sub-block found to smooth; use --smooth-sites o")
     return sites
