@@ -164,7 +164,9 @@ def test_resume_refuses_other_options(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_loss_decreases_on_an_outlier_model(tmp_path: Path) -> None:
     """One fixed window, several steps: the quantized loss goes down from the Hadamard start."""
     tokens = _tokens(tmp_path, 4096 + 32 * 5)  # exactly one training window (and 4 held out)
-    config = LearnConfig(steps=8, bits="w4a8", block=32, window_len=32, lr=0.002, optimizer="adam", save_every=100)
+    config = LearnConfig(
+        steps=8, bits="w4a8", block=32, window_len=32, lr=0.002, optimizer="adam", loss="ce", batch=1, save_every=100
+    )
     learner = Learner(OUTLIER, np.load(tokens).astype(np.int64), tmp_path / "f.npz", config, threads=1)
     result = learner.run()
     assert len(result.losses) == 8
@@ -186,14 +188,21 @@ def test_cli_refuses_without_torch(
     assert not (tmp_path / "g.npz").exists()
 
 
-def test_static_fake_quant_is_what_eval_deploys(tmp_path: Path) -> None:
+@pytest.mark.parametrize("channels", [0, 3])
+def test_static_fake_quant_is_what_eval_deploys(tmp_path: Path, channels: int) -> None:
     """Calibrated static ranges in torch give the logits of eval's W8A8 QDQ model in onnxruntime: same
-    sites (linears' inputs and outputs, both inputs of attention MatMuls), same scales, same rounding."""
+    sites (linears' inputs and outputs, both inputs of attention MatMuls), same scales, same rounding;
+    with float channels, the same side paths kept float."""
+    from spinquant_onnx.integrations.activation_stats import collect_maxima
     from spinquant_onnx.integrations.quantize import keep_float, quantize_w8a8
 
     rotated, quantized = tmp_path / "rot.onnx", tmp_path / "q.onnx"
-    convert(OUTLIER, rotated, r2=True, r4=True, rotation="hadamard")
-    model = QuantModel(OUTLIER, scheme("w8a8"), {"r1", "r2"}, r4=True, seed=0)
+    maxima = collect_maxima(OUTLIER, _ids(7, (1, 256)).reshape(-1), sites=("down",), windows=2, window_len=64,
+                            offset=0) if channels else None
+    convert(OUTLIER, rotated, r2=True, r4=True, rotation="hadamard", float_channels=channels, activation_maxima=maxima)
+    side = [n for n in onnx.load(str(rotated)).graph.node if "/float_channels/" in n.name]
+    assert len(side) == (8 if channels else 0)  # 2 blocks x (mask, gather, matmul, add)
+    model = QuantModel(OUTLIER, scheme("w8a8"), {"r1", "r2"}, r4=True, seed=0, float_channels=channels, maxima=maxima)
     head = [n.name for n in model.graph.nodes if n.name == "/lm_head/MatMul"]
     assert head
     calibration = _ids(5, (2, 16))
@@ -227,3 +236,23 @@ def test_heldout_loss_is_logged_and_the_best_is_written(tmp_path: Path) -> None:
         assert np.array_equal(written[key], matrix)
         # the float32 matrices the model computes with are the float64 file's to float32 precision
         assert np.abs(learner.model.rotations.matrices()[key].detach().numpy() - matrix).max() < 1e-5
+
+
+def test_float_channels_are_learned_around_and_need_rotates_statistics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--float-channels K puts rotate's side paths in the learned graph (test above: the same logits as
+    eval's QDQ model); the statistics are rotate's default calibration windows, so a short file is refused."""
+    out = tmp_path / "fc.npz"
+    argv = [*_learn_argv(tmp_path, out, 1), "--float-channels", "2", "--threads", "1", "--quiet"]
+    assert main(argv) == 2
+    assert "--float-channels: the token file has 4352 ids" in capsys.readouterr().err
+    assert not out.exists()
+    tokens = tmp_path / "long.npy"
+    np.save(tokens, np.random.default_rng(4).integers(0, 64, 5120).astype(np.int32))
+    argv[argv.index("--tokens") + 1] = str(tokens)
+    assert main(argv) == 0
+    assert set(_arrays(out)) == {"R1", "model.layers.0.self_attn.R2", "model.layers.1.self_attn.R2"}
+    rotated = tmp_path / "fc.onnx"
+    assert main(["rotate", str(OUTLIER), str(rotated), "--rotation-file", str(out), "--r4", "--calibration",
+                 str(tokens), "--float-channels", "2", "--validate"]) == 0

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from spinquant_onnx.errors import InputError
+from spinquant_onnx.integrations.learn.config import LOSSES, OPTIMIZERS, SCHEMES, LearnConfig, default
 
 TORCH_PIN = "torch==2.13.0"
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
             f"(or pip install {TORCH_PIN} --index-url https://download.pytorch.org/whl/cpu)"
         )
     from spinquant_onnx.integrations.evaluate import load_tokens
-    from spinquant_onnx.integrations.learn.train import LearnConfig, Learner
+    from spinquant_onnx.integrations.learn.train import Learner
 
     model = Path(args.model)
     if not model.is_file():
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         block=args.block,
         rotations=args.rotations,
         r4=args.r4,
+        float_channels=args.float_channels,
         seed=args.seed,
         lr=args.lr,
         optimizer=args.optimizer,
@@ -75,66 +77,66 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option(parser: argparse.ArgumentParser, flag: str, help: str, **kwargs) -> None:
+    """An option whose default is LearnConfig's (stated in the help from there, never twice)."""
+    field = flag.lstrip("-").replace("-", "_")
+    value = default(field)
+    shown = ",".join(value) if isinstance(value, tuple) else value
+    shown = ("on" if value else "off") if isinstance(value, bool) else shown
+    parser.add_argument(flag, default=value, help=f"{help} (default {shown})", **kwargs)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``learn`` on the main parser's subcommands."""
     parser = subparsers.add_parser(
         "learn",
         help="learn R1 (and per-layer R2) on the model's own graph under simulated quantization",
         description=(
-            "Optimize R1 and per-layer R2 (Cayley parametrization on the orthogonal group, Adam, from the "
-            "Hadamard) to minimize next-token cross-entropy of the rotated model with simulated quantizers "
-            "on every linear's input and weight (straight-through rounding). Writes an .npz for "
-            "`rotate --rotation-file`. Needs torch (pip install 'spinquant-onnx[learn]')."
+            "Optimize R1 and per-layer R2 (Cayley parametrization on the orthogonal group, Adam or SGD, from "
+            "the Hadamard) to minimize the KL divergence from the float model (or next-token cross-entropy) "
+            "of the rotated model with simulated quantizers where `eval` deploys them (straight-through "
+            "rounding). Writes an .npz for `rotate --rotation-file`. Needs torch (pip install "
+            "'spinquant-onnx[learn]')."
         ),
     )
     parser.add_argument("model", help="float ONNX decoder (input_ids / attention_mask -> logits)")
     parser.add_argument("--tokens", required=True, help="1-D .npy of token ids (calibration text)")
     parser.add_argument("--out", required=True, help="rotation file to write (.npz); OUT.ckpt holds the checkpoint")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    parser.add_argument("--bits", default="w8a8", help="w8a8 | w4a8 | w4a16 (default w8a8)")
-    parser.add_argument("--block", type=int, default=128, help="int4 block size (default 128)")
-    parser.add_argument("--rotations", type=_rotations, default=("r1", "r2"), help="which to learn (default r1,r2)")
-    parser.add_argument(
+    _option(parser, "--steps", "optimizer steps", type=int)
+    _option(parser, "--bits", "target scheme", choices=SCHEMES)
+    _option(parser, "--block", "int4 block size", type=int)
+    _option(parser, "--rotations", "which to learn: r1 and/or r2", type=_rotations)
+    _option(
+        parser,
         "--r4",
+        "simulate the fixed online R4 before down_proj, as `rotate --r4` deploys it",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="simulate the fixed online R4 before down_proj, as `rotate --r4` deploys (default on)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="which windows each step sees (default 0)")
-    parser.add_argument("--lr", type=float, default=1.5, help="learning rate (default 1.5)")
-    parser.add_argument("--optimizer", default="sgd", help="sgd (with momentum, as SpinQuant's Cayley SGD) | adam")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    parser.add_argument(
-        "--loss", default="ce", help="ce (next-token cross-entropy) | kl (KL divergence from the float model's logits)"
-    )
-    parser.add_argument("--batch", type=int, default=1, help="windows per step (default 1)")
-    parser.add_argument("--window-len", type=int, default=256, help="tokens per window (default 256)")
-    parser.add_argument(
-        "--offset",
+    _option(
+        parser,
+        "--float-channels",
+        "simulate the K largest down_proj input channels on a float side path, as `rotate --calibration "
+        "T.npy --float-channels K` deploys them with the same token file; 0 is none",
         type=int,
-        default=4096,
-        help="skip the first N tokens, which eval scores and calibrates on (default 4096)",
+        metavar="K",
     )
-    parser.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (default 10)")
-    parser.add_argument(
-        "--eval-every",
-        type=int,
-        default=10,
-        help="score the held-out windows every N steps (default 10); the best is written",
+    _option(parser, "--seed", "which windows each step sees", type=int)
+    _option(parser, "--optimizer", "adam, or sgd with momentum (SpinQuant's Cayley SGD)", choices=OPTIMIZERS)
+    _option(parser, "--lr", "learning rate (SGD wants ~1.5)", type=float)
+    _option(parser, "--momentum", "SGD momentum", type=float)
+    _option(
+        parser, "--loss", "kl (divergence from the float model's logits) or ce (next-token cross-entropy)",
+        choices=LOSSES,
     )
-    parser.add_argument("--eval-windows", type=int, default=2, help="held-out windows scored (default 2)")
-    parser.add_argument(
-        "--calibration-windows",
-        type=int,
-        default=2,
-        help="held-out windows that calibrate the static activation ranges (default 2)",
-    )
-    parser.add_argument(
-        "--keep",
-        default="best",
-        choices=("best", "last"),
-        help="write the rotations with the best held-out loss (default), or the last step's",
-    )
+    _option(parser, "--batch", "windows per step", type=int)
+    _option(parser, "--window-len", "tokens per window", type=int)
+    _option(parser, "--offset", "skip the first N tokens, which eval scores and calibrates on", type=int)
+    _option(parser, "--save-every", "checkpoint every N steps", type=int)
+    _option(parser, "--eval-every", "score the held-out windows every N steps; the best is written", type=int)
+    _option(parser, "--eval-windows", "held-out windows scored", type=int)
+    _option(parser, "--calibration-windows", "held-out windows that calibrate the static activation ranges", type=int)
+    _option(parser, "--keep", "write the rotations with the best held-out loss, or the last step's",
+            choices=("best", "last"))
     parser.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     parser.add_argument("--json", help="write losses and timing as JSON here")

@@ -1,9 +1,9 @@
 """The rotated, fake-quantized model as a torch function of the learned rotations.
 
 Quantizers go where ``eval``'s W8A8 puts them: on both inputs of every MatMul whose weight is an
-initializer, except lm_head and the online rotation nodes (which stay float, as deployed). The rotations
-are parametrized on the orthogonal group: ``R = R0 · cayley(A - A^T)``, so any step of any optimizer
-stays exactly orthogonal and ``A = 0`` is the Hadamard start.
+initializer, except lm_head and the online nodes (rotations, float-channel side paths), which stay float,
+as deployed. The rotations are parametrized on the orthogonal group: ``R = R0 · cayley(A - A^T)``, so
+any step of any optimizer stays exactly orthogonal and ``A = 0`` is the Hadamard start.
 """
 
 from __future__ import annotations
@@ -162,13 +162,22 @@ class _Hooks:
 class QuantModel:
     """The model's graph in torch, its weights functions of ``rotations``, quantized by ``scheme``."""
 
-    def __init__(self, path: str | os.PathLike, scheme: Scheme, learn: set[str], r4: bool, seed: int):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        scheme: Scheme,
+        learn: set[str],
+        r4: bool,
+        seed: int,
+        float_channels: int = 0,
+        maxima: dict[str, np.ndarray] | None = None,
+    ):
         path = Path(path)
         model = load_model(path)
         name_nodes(model)
         analysis = analyze(model, path.parent)
         self.scheme = scheme
-        self.learning: LearningPlan = plan_learning(analysis, "r2" in learn, r4, seed)
+        self.learning: LearningPlan = plan_learning(analysis, "r2" in learn, r4, seed, float_channels, maxima)
         self.layers = sorted(int(k.split(".")[2]) for k in self.learning.starts if k != "R1")
         self.resolver = Resolver(self.learning.markers)
         store = analysis.store

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from spinquant_onnx.errors import InputError
+from spinquant_onnx.integrations.learn.config import SCHEMES
 
 EPS = 1e-12
 
@@ -74,8 +75,6 @@ class Scheme:
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         return weight_i8(w) if self.weight_bits == 8 else weight_i4_blocks(w, self.block)
 
-
-SCHEMES = ("w8a8", "w4a8", "w4a16")
 
 
 def scheme(name: str, block: int = 128) -> Scheme:

@@ -29,57 +29,11 @@ import numpy as np
 import torch
 
 from spinquant_onnx.errors import InputError
+from spinquant_onnx.integrations.learn.config import LearnConfig
 from spinquant_onnx.integrations.learn.model import QuantModel
 from spinquant_onnx.integrations.learn.quantizers import scheme
 
 Log = Callable[[str], None]
-OPTIMIZERS = ("sgd", "adam")
-LOSSES = ("ce", "kl")
-
-
-@dataclass
-class LearnConfig:
-    """Everything that decides the result (a checkpoint resumes only under the same config, ``steps`` aside)."""
-
-    steps: int = 100
-    bits: str = "w8a8"
-    block: int = 128
-    rotations: tuple[str, ...] = ("r1", "r2")
-    r4: bool = True
-    seed: int = 0
-    lr: float = 1.5
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    loss: str = "ce"
-    batch: int = 1
-    window_len: int = 256
-    offset: int = 4096
-    save_every: int = 10
-    eval_every: int = 10
-    eval_windows: int = 2
-    calibration_windows: int = 2
-    keep: str = "best"
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.rotations) - {"r1", "r2"})
-        if unknown or not self.rotations:
-            raise InputError(f"--rotations takes r1 and/or r2, got {','.join(self.rotations) or 'nothing'}")
-        if self.steps < 0 or self.batch < 1 or self.window_len < 2 or self.offset < 0 or self.save_every < 1:
-            raise InputError("--steps >= 0, --batch >= 1, --window-len >= 2, --offset >= 0 and --save-every >= 1")
-        if self.eval_every < 1 or self.eval_windows < 1 or self.calibration_windows < 1:
-            raise InputError("--eval-every, --eval-windows and --calibration-windows must be >= 1")
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(f"unknown --optimizer '{self.optimizer}': choose from {', '.join(OPTIMIZERS)}")
-        if self.keep not in ("best", "last"):
-            raise InputError(f"--keep takes best or last, got '{self.keep}'")
-        if self.loss not in LOSSES:
-            raise InputError(f"unknown --loss '{self.loss}': choose from {', '.join(LOSSES)}")
-        if not self.lr > 0 or not 0 <= self.momentum < 1:
-            raise InputError("--lr must be > 0 and --momentum in [0, 1)")
-        scheme(self.bits, self.block)
-
-    def held_out(self) -> int:
-        return self.eval_windows + self.calibration_windows
 
 
 @dataclass
@@ -183,7 +137,13 @@ class Learner:
         windows = training_windows(tokens, config)
         self.windows, self.calibration, self.scored = split_held_out(windows, config)
         self.model = QuantModel(
-            self.path, scheme(config.bits, config.block), set(config.rotations), config.r4, config.seed
+            self.path,
+            scheme(config.bits, config.block),
+            set(config.rotations),
+            config.r4,
+            config.seed,
+            config.float_channels,
+            self._maxima(tokens) if config.float_channels else None,
         )
         self._check_vocab(windows)
         params = [p for p in self.model.rotations.params if p.requires_grad]
@@ -198,6 +158,25 @@ class Learner:
         self.step_seconds: list[float] = []
         kept = {k: v for k, v in asdict(config).items() if k not in ("steps", "save_every")}  # may change on resume
         self.meta = _plain({"model": fingerprint(self.path), "config": kept})
+
+    def _maxima(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """down_proj's input statistics as ``rotate --calibration`` measures them (its default windows of the
+        same token file), so the float channels learned around are the ones ``rotate`` will split off."""
+        from spinquant_onnx.integrations.activation_stats import (
+            DEFAULT_OFFSET,
+            DEFAULT_WINDOW_LEN,
+            DEFAULT_WINDOWS,
+            collect_maxima,
+        )
+
+        needed = DEFAULT_OFFSET + DEFAULT_WINDOWS * DEFAULT_WINDOW_LEN
+        if tokens.size < needed:
+            raise InputError(
+                f"--float-channels: the token file has {tokens.size} ids; the statistics `rotate --calibration` "
+                f"measures ({DEFAULT_WINDOWS} windows of {DEFAULT_WINDOW_LEN} from offset {DEFAULT_OFFSET}) "
+                f"need {needed}"
+            )
+        return collect_maxima(self.path, tokens, sites=("down",))
 
     def _check_vocab(self, windows: np.ndarray) -> None:
         vocab = self.model.vocab_size

@@ -1,7 +1,7 @@
 """The model's weights as differentiable functions of the rotations, exactly as the rewrite plans them.
 
-The same passes that ``rotate`` runs (norm fusion, R1, R2, R4) fill a ``TensorPlan``; R1 and each layer's
-R2 are *markers* (dense matrices whose identity we know), so every planned operation that uses one is
+The same passes that ``rotate`` runs (norm fusion, R1, R2, float channels, R4) fill a ``TensorPlan``; R1
+and each layer's R2 are *markers* (dense matrices whose identity we know), so every planned operation that uses one is
 replayed in torch with the current learned matrix, and every other one (gamma scales, the fixed R4
 Hadamard) is computed once in float64. Ops on different axes commute, so fixed ops are moved ahead of
 learned ones wherever no learned op on the same axis precedes them: ``W_down' = R1-part(H4^T W)`` costs
@@ -55,6 +55,11 @@ class _Options:
     block_size: int | None = None
     entries: str = "online"
     r3: bool = False
+    float_channels: int = 0
+    activation_maxima: dict[str, np.ndarray] | None = None
+
+
+PLANNED = {"fuse_norms", "r1", "r2", "float_channels", "r4"}  # the passes whose result learning replays
 
 
 @dataclass
@@ -67,8 +72,16 @@ class LearningPlan:
     start_kinds: dict[str, str] = field(default_factory=dict)
 
 
-def plan_learning(analysis: Analysis, learn_r2: bool, r4: bool, seed: int) -> LearningPlan:
-    """Plan norm fusion, R1 (a marker), per-layer R2 (markers) and the fixed R4, as ``rotate`` would."""
+def plan_learning(
+    analysis: Analysis,
+    learn_r2: bool,
+    r4: bool,
+    seed: int,
+    float_channels: int = 0,
+    maxima: dict[str, np.ndarray] | None = None,
+) -> LearningPlan:
+    """Plan norm fusion, R1 (a marker), per-layer R2 (markers), the float channels' side paths (nodes
+    inserted into the analysed graph) and the fixed R4, as ``rotate`` would."""
     stream = analysis.stream
     if stream.entries or any(event.online is not None for event in stream.writers):
         raise UnsupportedGraphError(
@@ -83,8 +96,9 @@ def plan_learning(analysis: Analysis, learn_r2: bool, r4: bool, seed: int) -> Le
             key = r2_key(site.block)
             starts[key], kinds[key] = start_matrix(site.geometry.head_dim, seed)
             markers.r2_layers[site.block] = from_matrix(starts[key])
-    ctx = PassContext(analysis, TensorPlan(), _Options(r2=learn_r2, r4=r4), markers)
-    run_passes(ctx, [p for p in registered() if p.name in {"fuse_norms", "r1", "r2", "r4"}])
+    options = _Options(r2=learn_r2, r4=r4, float_channels=float_channels, activation_maxima=maxima)
+    ctx = PassContext(analysis, TensorPlan(), options, markers)
+    run_passes(ctx, [p for p in registered() if p.name in PLANNED])
     ctx.plan.finalize(analysis.index)
     ids = {id(markers.r1.dense): R1_KEY}
     ids.update({id(rot.dense): r2_key(layer) for layer, rot in markers.r2_layers.items()})
