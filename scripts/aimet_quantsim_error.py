@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""W8A16 and W8A8 AIMET quantsim logits error against the float model, with and without SpinQuant R1.
+"""W8A16, W4A16 and W8A8 AIMET quantsim logits error against the float model, with and without SpinQuant.
 
-For each precision and each of {no rotation, rotation} the script builds a fresh aimet-onnx
+For each precision and each rotation (none; ``--rotation``, R1; and each ``--rotation-file``, e.g. the
+R1 + per-layer R2 that ``spinquant-onnx learn`` writes) the script builds a fresh aimet-onnx
 ``QuantizationSimModel`` from the export, applies ``spinquant_onnx.apply_spinquant(sim)`` where asked
 (the documented order: build the sim, rotate, then calibrate), calibrates with ``compute_encodings`` on
 a few windows of text, and compares the quantized sim's logits on other windows with those of the float
@@ -18,7 +19,8 @@ MatMuls, i.e. what a rotation can help; the full rows also quantize norm interna
 Usage (the SmolLM2-135M export and its tokens come from scripts/export_smollm2.py)::
 
     python scripts/aimet_quantsim_error.py /tmp/smollm2/smollm2_ts.onnx [--tokens /tmp/smollm2/tokens.npy]
-        [--seq 128] [--calib 8] [--eval 4] [--rotation hadamard] [--json out.json]
+        [--seq 128] [--calib 8] [--eval 4] [--rotation hadamard] [--rotation-file R.npz ...]
+        [--precisions W8A16,W4A16,W8A8] [--json out.json]
 
 Without tokens (none beside the model and no ``--tokens``), random ids are used.
 """
@@ -40,7 +42,7 @@ from spinquant_onnx import apply_spinquant  # noqa: E402
 from spinquant_onnx.core.equivalence import infer_vocab_size, synthesize_inputs  # noqa: E402
 from spinquant_onnx.integrations.aimet import mask_quantizers  # noqa: E402
 
-PRECISIONS = {"W8A16": ("int8", "int16"), "W8A8": ("int8", "int8")}
+PRECISIONS = {"W8A16": ("int8", "int16"), "W4A16": ("int4", "int16"), "W8A8": ("int8", "int8")}
 
 
 def windows(args: argparse.Namespace, model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
@@ -80,14 +82,14 @@ def errors(reference: list[np.ndarray], logits: list[np.ndarray]) -> tuple[float
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref)), float((out.argmax(-1) == ref.argmax(-1)).mean())
 
 
-def build_sim(model_path: str, param_type: str, activation_type: str, rotate: bool, options: dict):
+def build_sim(model_path: str, param_type: str, activation_type: str, options: dict | None):
     from aimet_onnx.quantsim import QuantizationSimModel
     from aimet_onnx.utils import duplicate_shared_initializers
 
     model = onnx.load(model_path)
     duplicate_shared_initializers(model.graph)  # tied embeddings: AIMET wants one reader per initializer
     sim = QuantizationSimModel(model, param_type=param_type, activation_type=activation_type)
-    if rotate:
+    if options is not None:
         apply_spinquant(sim, **options)
     return sim
 
@@ -111,15 +113,15 @@ def run_with(sim, enabled: set[str], evals: list[dict], reference: list[np.ndarr
     return errors(reference, [sim.session.run(None, f)[0] for f in evals])
 
 
-def measure_one(args, label: str, rotate: bool, calib, evals, reference) -> list[dict]:
-    """One fresh sim: float row (W8A16 only), all quantizers, then weights + linear-layer inputs only."""
+def measure_one(args, label: str, rotation: str, options: dict | None, calib, evals, reference) -> list[dict]:
+    """One fresh sim: float row (first precision only), all quantizers, then weights + linear inputs only."""
     wt, at = PRECISIONS[label]
     started = time.perf_counter()
-    sim = build_sim(args.model, wt, at, rotate, {"rotation": args.rotation, "seed": args.seed})
+    sim = build_sim(args.model, wt, at, options)
     rows = []
-    if label == "W8A16":  # every quantizer off, before calibration: the rotation alone must change nothing
+    if label == args.precisions[0]:  # every quantizer off, before calibration: the rotation alone must change nothing
         rel, agree = run_with(sim, set(), evals, reference)
-        rows.append({"config": "float (quantizers off)", "rotation": rotate, "rel_l2": rel, "argmax": agree})
+        rows.append({"config": "float (quantizers off)", "rotation": rotation, "rel_l2": rel, "argmax": agree})
     everything = set(sim.qc_quantize_op_dict)
     enable(sim, everything)  # calibrate every quantizer
     sim.compute_encodings(calib)
@@ -127,29 +129,36 @@ def measure_one(args, label: str, rotate: bool, calib, evals, reference) -> list
     for config, enabled in ((label, kept), (f"{label}, linear inputs only", set(sim.param_names) | linear_inputs(sim))):
         rel, agree = run_with(sim, enabled & kept, evals, reference)
         rows.append(
-            {"config": config, "rotation": rotate, "rel_l2": rel, "argmax": agree, "quantizers": len(enabled & kept)}
+            {"config": config, "rotation": rotation, "rel_l2": rel, "argmax": agree, "quantizers": len(enabled & kept)}
         )
-        print(f"  {config:28} rotation={rotate!s:5} rel L2 {rel:.4f}  argmax {agree:.4f}", flush=True)
+        print(f"  {config:28} rotation={rotation:12} rel L2 {rel:.4f}  argmax {agree:.4f}", flush=True)
     rows[-1]["seconds"] = round(time.perf_counter() - started, 1)
     return rows
 
 
+def rotations(args: argparse.Namespace) -> dict[str, dict | None]:
+    """Each rotation measured, by the name its rows carry: apply_spinquant's options (None: unrotated)."""
+    found: dict[str, dict | None] = {"none": None, args.rotation: {"rotation": args.rotation, "seed": args.seed}}
+    for path in args.rotation_file:
+        found[path.name] = {"rotation_file": str(path)}
+    return found
+
+
 def measure(args: argparse.Namespace, calib: list[dict], evals: list[dict], reference: list[np.ndarray]) -> list[dict]:
     rows = []
-    for rotate in (False, True):
-        for label in PRECISIONS:
-            rows.extend(measure_one(args, label, rotate, calib, evals, reference))
+    for rotation, options in rotations(args).items():
+        for label in args.precisions:
+            rows.extend(measure_one(args, label, rotation, options, calib, evals, reference))
     return rows
 
 
-def table(rows: list[dict], rotation: str) -> str:
+def table(rows: list[dict]) -> str:
     lines = [
         "| config | rotation | logits rel L2 | argmax agreement |",
         "| --- | --- | --- | --- |",
     ]
     for row in rows:
-        name = rotation if row["rotation"] else "none"
-        lines.append(f"| {row['config']} | {name} | {row['rel_l2']:.4g} | {row['argmax']:.4f} |")
+        lines.append(f"| {row['config']} | {row['rotation']} | {row['rel_l2']:.4g} | {row['argmax']:.4f} |")
     return "\n".join(lines)
 
 
@@ -162,15 +171,27 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=4, help="evaluation windows")
     parser.add_argument("--rotation", default="hadamard")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rotation-file", type=Path, action="append", default=[], help="also measure this learned rotation file"
+    )
+    parser.add_argument(
+        "--precisions",
+        type=lambda v: tuple(p.strip().upper() for p in v.split(",")),
+        default=tuple(PRECISIONS),
+        help=f"comma list from {','.join(PRECISIONS)} (default all)",
+    )
     parser.add_argument("--keep-mask", action="store_true", help="keep the attention-mask quantizers on")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    unknown = [p for p in args.precisions if p not in PRECISIONS]
+    if unknown:
+        parser.error(f"unknown precision {unknown[0]}: choose from {','.join(PRECISIONS)}")
     model = onnx.load(args.model, load_external_data=False)
     calib, evals = windows(args, model)
     reference = float_logits(args.model, evals)
     rows = measure(args, calib, evals, reference)
     print()
-    print(table(rows, args.rotation))
+    print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "seq": args.seq, "rows": rows}, indent=2))
 
