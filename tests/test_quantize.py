@@ -107,3 +107,43 @@ def test_aimet_helper_on_a_real_sim(rotated: Path, bitwidth: int | None) -> None
     for name in changed:
         quantizer = sim.qc_quantize_op_dict[name]
         assert (not quantizer.enabled) if bitwidth is None else quantizer.bitwidth == 16
+
+
+def _logits(model: Path | onnx.ModelProto, ids: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+
+
+@pytest.mark.parametrize("block", [32, 16])
+def test_w4a8_has_matmulnbits_weights_and_w8a8_activations(rotated: Path, tmp_path: Path, block: int) -> None:
+    """eval's W4A8 row: the weights are exactly MatMulNBits' int4 grid (the float model with int4_blocks
+    weights computes what the MatMulNBits model computes), the activation quantizers are W8A8's."""
+    from spinquant_onnx.integrations.quantize import int4_blocks, keep_float, quantize_w4, quantize_w4a8, quantize_w8a8
+
+    exclude = keep_float(onnx.load(str(rotated)))
+    ids = np.random.default_rng(1).integers(0, 64, (1, 12))
+    nbits = quantize_w4(rotated, tmp_path / "w4.onnx", block, exclude)
+    grid = onnx.load(str(rotated))
+    weights = {t.name: t for t in grid.graph.initializer}
+    for node in grid.graph.node:
+        if node.op_type == "MatMul" and node.name not in exclude and node.input[1] in weights:
+            tensor = weights[node.input[1]]
+            value = int4_blocks(onnx.numpy_helper.to_array(tensor), block)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(value, tensor.name))
+    reference, on_grid = _logits(nbits, ids), _logits(grid, ids)
+    assert np.linalg.norm(on_grid - reference) / np.linalg.norm(reference) < 1e-5
+    w8a8 = quantize_w8a8(rotated, tmp_path / "w8a8.onnx", ids, exclude)
+    w4a8 = quantize_w4a8(rotated, w8a8, tmp_path / "w4a8.onnx", block)
+    quantized, ours = onnx.load(str(w8a8)), onnx.load(str(w4a8))
+    count = lambda m, op: sum(n.op_type == op for n in m.graph.node)  # noqa: E731
+    assert count(ours, "QuantizeLinear") == count(quantized, "QuantizeLinear") > 0  # the same activation sites
+    linears = sum(n.op_type == "MatMul" and n.name not in exclude and n.input[1] in weights for n in grid.graph.node)
+    assert count(quantized, "DequantizeLinear") - count(ours, "DequantizeLinear") == linears  # no weight DQ left
+    got = _logits(w4a8, ids)
+    assert 1e-3 < np.linalg.norm(got - on_grid) / np.linalg.norm(on_grid) < 0.5  # activations really quantized
+    assert np.linalg.norm(got - _logits(w8a8, ids)) > 0

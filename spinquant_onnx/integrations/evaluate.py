@@ -33,6 +33,7 @@ from spinquant_onnx.integrations.quantize import (
     excluded_nodes,
     name_nodes,
     quantize_w4,
+    quantize_w4a8,
     quantize_w8a8,
     session_inputs,
 )
@@ -41,13 +42,15 @@ from spinquant_onnx.io.model_file import load_model
 from spinquant_onnx.match.analysis import Analysis, analyze
 
 SENSITIVITY_ROWS = tuple(PREFIX + family for family in FAMILIES)
-ROWS = ("float", "w8a8", *SENSITIVITY_ROWS, "w8a8-int", "w4-128", "w4-32")
+ROWS = ("float", "w8a8", *SENSITIVITY_ROWS, "w8a8-int", "w4a8-128", "w4a8-32", "w4-128", "w4-32")
 DEFAULT_ROWS = ("float", "w8a8", "w4-128", "w4-32")
 ROW_LABELS = {
     "float": "float",
     "w8a8": "W8A8 (static QDQ, MinMax)",
     **{PREFIX + family: f"W8A8, {label}" for family, label in FAMILIES.items()},
     "w8a8-int": "W8A8, ORT int8 kernels",
+    "w4a8-128": "W4A8 (int4 RTN block 128, W8A8's activations)",
+    "w4a8-32": "W4A8 (int4 RTN block 32, W8A8's activations)",
     "w4-128": "W4 RTN block 128",
     "w4-32": "W4 RTN block 32",
 }
@@ -267,7 +270,8 @@ def evaluate_model(
                     if family
                     else _quantized(row, path, Path(tmp), calibration, keep_float, hints)
                 )
-                with _session(quantized, config.providers, reference_qdq=row == "w8a8" or family) as session:
+                qdq = row == "w8a8" or family or row.startswith("w4a8")
+                with _session(quantized, config.providers, reference_qdq=qdq) as session:
                     result.nll[row] = score(session, scored, hints=hints).nll
             result.perplexity[row] = math.exp(result.nll[row])
             result.timings[row] = round(time.perf_counter() - started, 2)
@@ -310,10 +314,16 @@ def _quantized(
     row: str, path: Path, tmp: Path, calibration: np.ndarray, keep_float: list[str], hints: dict[str, int]
 ) -> Path:
     """The quantized copy for ``row``; both W8A8 rows share one file (only the kernels differ)."""
-    if row.startswith("w8a8"):
+    if row.startswith(("w8a8", "w4a8")):
         target = tmp / "w8a8.onnx"
-        return target if target.is_file() else quantize_w8a8(path, target, calibration, keep_float, hints)
-    return quantize_w4(path, tmp / f"{row}.onnx", int(row.split("-")[1]), keep_float)
+        if not target.is_file():
+            quantize_w8a8(path, target, calibration, keep_float, hints)
+        return quantize_w4a8(path, target, tmp / f"{row}.onnx", _block(row)) if row.startswith("w4a8") else target
+    return quantize_w4(path, tmp / f"{row}.onnx", _block(row), keep_float)
+
+
+def _block(row: str) -> int:
+    return int(row.split("-")[1])
 
 
 def evaluate(
@@ -348,6 +358,11 @@ def schemes(config: EvalConfig) -> dict[str, str]:
             for row in SENSITIVITY_ROWS
         },
         "w8a8-int": "the same W8A8 model run by onnxruntime's fused int8 kernels (u8s8; saturates without VNNI)",
+        **{
+            f"w4a8-{b}": f"the W8A8 model with each weight's DequantizeLinear replaced by the float weight at the "
+            f"int4 RTN grid of block {b} (MatMulNBits' symmetric scheme): int4 weights, W8A8's activations"
+            for b in (128, 32)
+        },
         "w4-128": f"{w4}, block 128",
         "w4-32": f"{w4}, block 32",
     }

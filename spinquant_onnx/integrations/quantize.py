@@ -220,6 +220,50 @@ def quantize_w4(source: Path, target: Path, block_size: int, exclude: Sequence[s
     return target
 
 
+def int4_blocks(weight: np.ndarray, block: int) -> np.ndarray:
+    """MatMulNBits' symmetric RTN, dequantized: blocks of ``block`` inputs (axis 0 of a MatMul's B) per output
+    column, scale = the block's signed largest-magnitude value / -8, codes clipped to [-8, 7]."""
+    k = weight.shape[0]
+    w = np.asarray(weight, dtype=np.float32)
+    padded = np.pad(w, ((0, (-k) % block), (0, 0))).reshape(-1, block, w.shape[1])
+    index = np.abs(padded).argmax(axis=1)[:, None, :]
+    scale = np.take_along_axis(padded, index, axis=1) / np.float32(-8.0)
+    scale = np.where(scale == 0, np.float32(1.0), scale)
+    codes = np.clip(np.rint(padded / scale), -8, 7)
+    return (codes * scale).reshape(-1, w.shape[1])[:k].astype(weight.dtype)
+
+
+def quantize_w4a8(source: Path, w8a8: Path, target: Path, block_size: int) -> Path:
+    """W4A8: the W8A8 QDQ model (``w8a8``: its activation quantizers and scales) with every weight
+    DequantizeLinear replaced by the float model's weight at MatMulNBits' int4 grid (``int4_blocks``)."""
+    weights = {t.name: t for t in _load_full(source).graph.initializer}
+    float_b = {n.name: n.input[1] for n in _load_full(source).graph.node if n.op_type == "MatMul"}
+    model = _load_full(w8a8)
+    graph = model.graph
+    stored = {t.name for t in graph.initializer}
+    dequantized = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in stored}
+    dropped: set[str] = set()
+    for node in graph.node:
+        dq = dequantized.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        original = weights.get(float_b.get(node.name, ""))
+        if dq is None or original is None or len(original.dims) != 2:
+            continue
+        name = f"{original.name}_int4_b{block_size}"
+        value = int4_blocks(onnx.numpy_helper.to_array(original), block_size)
+        graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+        node.input[1] = name
+        dropped.add(dq.output[0])
+    kept = [n for n in graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] in dropped)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    read = {name for n in graph.node for name in n.input}
+    unused = [t for t in graph.initializer if t.name not in read]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+    onnx.save(model, str(target), save_as_external_data=_too_big(model))
+    return target
+
+
 def cache_hints(graph: onnx.ModelProto, analysis: Callable[[], Analysis]) -> dict[str, int]:
     """Sizes of KV-cache dims their names do not explain (genai's ``kv_cache_dim``), from the head geometry."""
     named = {
