@@ -281,8 +281,9 @@ def test_block_size_zero_refused_in_python(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- scripts
 
 # Scripts that run in the test environment (the fixture exporters need their own venvs with transformers).
-TEST_ENV_SCRIPTS = ["aimet_quantsim_error.py", "bench_online_hadamard.py", "benchmark_rotate.py", "conformance.py",
-                    "make_routed_deepstack_fixture.py", "migrate_paths.py", "output_hashes.py", "survey.py"]
+TEST_ENV_SCRIPTS = ["aimet_quantsim_error.py", "bench_hadamard_factors.py", "bench_online_hadamard.py",
+                    "benchmark_rotate.py", "conformance.py", "make_routed_deepstack_fixture.py", "migrate_paths.py",
+                    "output_hashes.py", "survey.py"]
 
 
 def test_every_script_has_argparse_help() -> None:

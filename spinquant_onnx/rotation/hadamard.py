@@ -290,18 +290,22 @@ def _sylvester_factors(p2: int) -> tuple[int, ...]:
 
 def _kron_apply(x: np.ndarray, sizes: tuple[int, ...], mats: list[np.ndarray], post: int) -> None:
     """x <- x @ kron(mats) along the P = prod(sizes) axis of a C-contiguous (..., P, post) array, in place:
-    one GEMM per factor on its own axis (Kronecker factors on different axes commute)."""
+    one GEMM per factor on its own axis (Kronecker factors on different axes commute). The GEMMs write
+    into a second buffer and back (``out=``), so no factor pays for a temporary and a copy; an odd count
+    of factors ends with one copy into x."""
     if not x.flags.c_contiguous:
         raise ValueError("internal: _kron_apply needs a C-contiguous array")
     lead = x.size // (math.prod(sizes) * post)
+    src, dst = x, np.empty_like(x)
     for j, (f, mat) in enumerate(zip(sizes, mats, strict=True)):
         outer, inner = lead * math.prod(sizes[:j]), math.prod(sizes[j + 1 :]) * post
         if inner == 1:
-            view = x.reshape(outer, f)
-            view[...] = view @ mat
-        else:
-            view = x.reshape(outer, f, inner)
-            view[...] = np.matmul(mat, view)  # Sylvester factors are symmetric: mat.T == mat
+            np.matmul(src.reshape(outer, f), mat, out=dst.reshape(outer, f))
+        else:  # Sylvester factors are symmetric: mat.T == mat
+            np.matmul(mat, src.reshape(outer, f, inner), out=dst.reshape(outer, f, inner))
+        src, dst = dst, src
+    if src is not x:
+        np.copyto(x, src)
 
 
 def _butterflies(y: np.ndarray, scale: float = 1.0) -> None:
