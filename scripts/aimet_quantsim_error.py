@@ -19,7 +19,7 @@ MatMuls, i.e. what a rotation can help; the full rows also quantize norm interna
 Usage (the SmolLM2-135M export and its tokens come from scripts/export_smollm2.py)::
 
     python scripts/aimet_quantsim_error.py /tmp/smollm2/smollm2_ts.onnx [--tokens /tmp/smollm2/tokens.npy]
-        [--seq 128] [--calib 8] [--eval 4] [--rotation hadamard] [--rotation-file R.npz ...]
+        [--seq 128] [--calib 8] [--eval 4] [--rotation hadamard] [--r2] [--rotation-file R.npz ...]
         [--precisions W8A16,W4A16,W8A8] [--json out.json]
 
 Without tokens (none beside the model and no ``--tokens``), random ids are used.
@@ -138,7 +138,8 @@ def measure_one(args, label: str, rotation: str, options: dict | None, calib, ev
 
 def rotations(args: argparse.Namespace) -> dict[str, dict | None]:
     """Each rotation measured, by the name its rows carry: apply_spinquant's options (None: unrotated)."""
-    found: dict[str, dict | None] = {"none": None, args.rotation: {"rotation": args.rotation, "seed": args.seed}}
+    fixed = {"rotation": args.rotation, "seed": args.seed, "r2": args.r2}
+    found: dict[str, dict | None] = {"none": None, f"{args.rotation}{' R1+R2' if args.r2 else ''}": fixed}
     for path in args.rotation_file:
         found[path.name] = {"rotation_file": str(path)}
     return found
@@ -171,6 +172,7 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=4, help="evaluation windows")
     parser.add_argument("--rotation", default="hadamard")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--r2", action="store_true", help="the fixed rotation rotates R2 too (as learned files do)")
     parser.add_argument(
         "--rotation-file", type=Path, action="append", default=[], help="also measure this learned rotation file"
     )
