@@ -93,14 +93,35 @@ def test_runtime_dependencies_cover_every_module_level_import() -> None:
     assert set(OPTIONAL_PACKAGES) <= set(extras)
 
 
+# Modules of an optional package that need none of its extras (the CLI reads learn's defaults from here).
+EXTRA_FREE = {"spinquant_onnx.integrations.learn.config"}
+
+
+def _module_imports(path: Path) -> list[str]:
+    return [
+        name
+        for node in ast.parse(path.read_text()).body
+        for name in ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+    ]
+
+
 def test_optional_packages_are_imported_lazily() -> None:
-    """Nothing outside an optional package imports it at module level (`pip install .` must not need torch)."""
+    """Nothing outside an optional package imports it at module level (`pip install .` must not need torch),
+    except its extra-free modules, which import nothing but the standard library and the package's core."""
     for path in (ROOT / "spinquant_onnx").rglob("*.py"):
         if any(folder in path.parents for folder in OPTIONAL_PACKAGES.values()):
             continue
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.ImportFrom) and node.module:
-                assert not node.module.startswith("spinquant_onnx.integrations.learn"), path
+        for module in _module_imports(path):
+            if module.startswith("spinquant_onnx.integrations.learn"):
+                assert module in EXTRA_FREE, path
+    for module in EXTRA_FREE:
+        path = ROOT / (module.replace(".", "/") + ".py")
+        for name in _module_imports(path):
+            top = name.split(".")[0]
+            assert top in sys.stdlib_module_names or top == "__future__" or (
+                name.startswith("spinquant_onnx.") and not name.startswith("spinquant_onnx.integrations.learn")
+            ), f"{path.name} imports {name}"
 
 
 def test_tests_import_this_checkout() -> None:
