@@ -619,31 +619,28 @@ def attention_sites(index: GraphIndex, roles: Roles) -> list[AttentionSite]:
             norms_by_input[index.see_through_back(name)] = norm
             norms_by_input[name] = norm
     sites = []
-    for block in roles.blocks:
-        for part in block.parts:
-            if part.kind != "attention":
-                continue
-            where = f"attention block {block.number}"
-            if part.writer is None:
-                raise UnsupportedGraphError(
-                    f"{where}: no o_proj writer found (a parallel attention+MLP block, as in GPT-NeoX, adds both "
-                    "sub-blocks at once and is not split yet); drop --r2/--r3"
-                )
-            refuse_latent_attention(index, part, where)
-            projections = _projections(index, part)
-            geometry, fused = head_geometry(index, part, projections, part.writer.linear, norms_by_input, where)
-            if "qkv" in projections and fused is not None:
-                _packed_projections(projections, geometry)
-            sites.append(
-                AttentionSite(
-                    block.number,
-                    part,
-                    projections.get("q"),
-                    projections.get("k"),
-                    projections.get("v"),
-                    part.writer.linear,
-                    geometry,
-                    fused,
-                )
+    for number, part in roles.parts_of("attention"):
+        where = f"attention block {number}"
+        if part.writer is None:
+            raise UnsupportedGraphError(
+                f"{where}: no o_proj writer found (a parallel attention+MLP block, as in GPT-NeoX, adds both "
+                "sub-blocks at once and is not split yet); drop --r2/--r3"
             )
+        refuse_latent_attention(index, part, where)
+        projections = _projections(index, part)
+        geometry, fused = head_geometry(index, part, projections, part.writer.linear, norms_by_input, where)
+        if "qkv" in projections and fused is not None:
+            _packed_projections(projections, geometry)
+        sites.append(
+            AttentionSite(
+                number,
+                part,
+                projections.get("q"),
+                projections.get("k"),
+                projections.get("v"),
+                part.writer.linear,
+                geometry,
+                fused,
+            )
+        )
     return sites

@@ -29,13 +29,7 @@ from spinquant_onnx.rotation.kinds import make_rotation
 
 def prepare_r4(roles: Roles, index: GraphIndex) -> list[tuple[int, Linear]]:
     """Every (block, down_proj) to rotate, MoE experts' and shared experts' included, checked first."""
-    downs = [
-        (block.number, entry.linear)
-        for block in roles.blocks
-        for part in block.parts
-        if part.kind == "mlp"
-        for entry in part.writers
-    ]
+    downs = [(number, entry.linear) for number, part in roles.parts_of("mlp") for entry in part.writers]
     if not downs:
         raise UnsupportedGraphError(
             "R4: no MLP down projection found (a parallel attention+MLP block, as in Phi-2 or Cohere, is not "
