@@ -75,7 +75,8 @@ def main() -> None:
             for layout in ("row", "col"):
                 timed = sorted((measure(order, layout, s, args.reps), s) for s in compositions(k))
                 used = _sylvester_factors(order)
-                mine = next((t for t, s in timed if s == used), measure(order, layout, used, args.reps))
+                found = [t for t, s in timed if s == used]
+                mine = found[0] if found else measure(order, layout, used, args.reps)
                 results[f"{order}/{layout}"] = {"used": used, "used_ns": mine, "best": timed[: args.top]}
                 best = ", ".join(f"{'x'.join(map(str, s))} {t:.2f}" for t, s in timed[: args.top])
                 shown = "x".join(map(str, used))

@@ -98,12 +98,14 @@ EXTRA_FREE = {"spinquant_onnx.integrations.learn.config"}
 
 
 def _module_imports(path: Path) -> list[str]:
-    return [
-        name
-        for node in ast.parse(path.read_text()).body
-        for name in ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
-                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
-    ]
+    """The modules a file imports at module level."""
+    names = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+    return names
 
 
 def test_optional_packages_are_imported_lazily() -> None:

@@ -48,16 +48,19 @@ def collect_maxima(
     window_len: int = DEFAULT_WINDOW_LEN,
     offset: int = DEFAULT_OFFSET,
     providers: list[str] | None = None,
+    asked_by: str = "--calibration",
+    advice: str = "lower --calibration-offset or --calibration-windows",
 ) -> dict[str, np.ndarray]:
-    """Per-channel max |x| of each smoothed linear's input (float64), keyed by the input tensor's name."""
+    """Per-channel max |x| of each smoothed linear's input (float64), keyed by the input tensor's name.
+    ``asked_by`` and ``advice`` word a refusal for the option that needs the statistics."""
     path = Path(model_path)
     needed = offset + windows * window_len
     if windows < 1 or window_len < 2 or offset < 0:
-        raise InputError("--calibration: need at least 1 window of 2 tokens and a non-negative offset")
+        raise InputError(f"{asked_by}: need at least 1 window of 2 tokens and a non-negative offset")
     if tokens.size < needed:
         raise InputError(
-            f"--calibration: the token file has {tokens.size} ids; {windows} windows of {window_len} from offset "
-            f"{offset} need {needed} (lower --calibration-offset or --calibration-windows)"
+            f"{asked_by}: the token file has {tokens.size} ids; {windows} windows of {window_len} from offset "
+            f"{offset} need {needed} ({advice})"
         )
     model = _load_full(path)
     try:

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from spinquant_onnx.errors import InputError
+from spinquant_onnx.errors import InputError, SpinQuantError
 from spinquant_onnx.io.model_file import load_model
 from spinquant_onnx.match.analysis import Analysis
 from spinquant_onnx.rewrite.online import online_node_names
@@ -235,9 +235,13 @@ def int4_blocks(weight: np.ndarray, block: int) -> np.ndarray:
 
 def quantize_w4a8(source: Path, w8a8: Path, target: Path, block_size: int) -> Path:
     """W4A8: the W8A8 QDQ model (``w8a8``: its activation quantizers and scales) with every weight
-    DequantizeLinear replaced by the float model's weight at MatMulNBits' int4 grid (``int4_blocks``)."""
+    DequantizeLinear replaced by the float model's weight at MatMulNBits' int4 grid (``int4_blocks``).
+
+    A weight's DequantizeLinear reads ``<weight>_quantized`` (onnxruntime's name for it), which names the
+    float weight; one that names no 2-D float weight is refused rather than left at int8."""
+    from onnxruntime.quantization.quant_utils import TENSOR_NAME_QUANT_SUFFIX
+
     weights = {t.name: t for t in _load_full(source).graph.initializer}
-    float_b = {n.name: n.input[1] for n in _load_full(source).graph.node if n.op_type == "MatMul"}
     model = _load_full(w8a8)
     graph = model.graph
     stored = {t.name for t in graph.initializer}
@@ -245,9 +249,11 @@ def quantize_w4a8(source: Path, w8a8: Path, target: Path, block_size: int) -> Pa
     dropped: set[str] = set()
     for node in graph.node:
         dq = dequantized.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-        original = weights.get(float_b.get(node.name, ""))
-        if dq is None or original is None or len(original.dims) != 2:
+        if dq is None:
             continue
+        original = weights.get(dq.input[0].removesuffix(TENSOR_NAME_QUANT_SUFFIX))
+        if original is None or len(original.dims) != 2:
+            raise SpinQuantError(f"W4A8: {node.name}'s weight '{dq.input[0]}' names no 2-D float weight of {source}")
         name = f"{original.name}_int4_b{block_size}"
         value = int4_blocks(onnx.numpy_helper.to_array(original), block_size)
         graph.initializer.append(onnx.numpy_helper.from_array(value, name))

@@ -162,21 +162,15 @@ class Learner:
     def _maxima(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         """down_proj's input statistics as ``rotate --calibration`` measures them (its default windows of the
         same token file), so the float channels learned around are the ones ``rotate`` will split off."""
-        from spinquant_onnx.integrations.activation_stats import (
-            DEFAULT_OFFSET,
-            DEFAULT_WINDOW_LEN,
-            DEFAULT_WINDOWS,
-            collect_maxima,
-        )
+        from spinquant_onnx.integrations.activation_stats import collect_maxima
 
-        needed = DEFAULT_OFFSET + DEFAULT_WINDOWS * DEFAULT_WINDOW_LEN
-        if tokens.size < needed:
-            raise InputError(
-                f"--float-channels: the token file has {tokens.size} ids; the statistics `rotate --calibration` "
-                f"measures ({DEFAULT_WINDOWS} windows of {DEFAULT_WINDOW_LEN} from offset {DEFAULT_OFFSET}) "
-                f"need {needed}"
-            )
-        return collect_maxima(self.path, tokens, sites=("down",))
+        return collect_maxima(
+            self.path,
+            tokens,
+            sites=("down",),
+            asked_by="--float-channels",
+            advice="the windows `rotate --calibration` measures by default; pass a longer token file",
+        )
 
     def _check_vocab(self, windows: np.ndarray) -> None:
         vocab = self.model.vocab_size
