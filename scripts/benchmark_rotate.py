@@ -3,7 +3,10 @@
 
 Every measurement runs in a fresh child process (peak RSS from ``os.wait4``, which reports that child
 alone), with the input files read once beforehand so every run starts from the same warm page cache, and
-``sync`` after each so dirty pages of one run are not flushed on the next one's clock. Runs per model:
+``sync`` after each so dirty pages of one run are not flushed on the next one's clock. ``--repeat N``
+runs the whole list N times round-robin, starting each round one run later (on these shared machines the
+run right after a big write pays for it: up to 20% more system time), and reports each run's median wall
+and CPU time and its largest peak RSS. Runs per model:
 
 * ``rotate``     - ``spinquant-onnx rotate IN OUT`` (R1 Hadamard, float64, no validation)
 * ``rotate-f32`` - the same with ``--precision float32``
@@ -23,7 +26,8 @@ TorchScript Llama export and streamed to its .data file (``--layers`` for a smal
 Usage::
 
     python scripts/benchmark_rotate.py [--smollm2 /tmp/smollm2/smollm2_ts.onnx] [--layers 16]
-        [--workdir /tmp/spinquant_bench] [--runs rotate,dense,io-stream,io-onnx] [--json out.json] [--keep]
+        [--workdir /tmp/spinquant_bench] [--runs rotate,dense,io-stream,io-onnx] [--repeat 3] [--json out.json]
+        [--keep]
     python scripts/benchmark_rotate.py --build-only --layers 2 --workdir /tmp/llama_small
     python scripts/benchmark_rotate.py --profile --layers 2   # cProfile of the rotate child
 """
@@ -34,6 +38,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -424,6 +429,20 @@ class Measured:
     load_avg_1min: float
 
 
+def median_of(rounds: list[Measured]) -> Measured:
+    """One run's rounds as one: median wall and CPU time, the largest peak RSS, the worst exit code."""
+    first = rounds[0]
+    return Measured(
+        first.run,
+        statistics.median(m.wall_s for m in rounds),
+        statistics.median(m.cpu_s for m in rounds),
+        max(m.peak_rss_bytes for m in rounds),
+        next((m.returncode for m in rounds if m.returncode), 0),
+        first.output_bytes,
+        statistics.median(m.load_avg_1min for m in rounds),
+    )
+
+
 def model_files(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.glob(path.name + "*") if p.is_file())
 
@@ -542,6 +561,22 @@ def report(label: str, size: int, file_bytes: int, external: bool, results: dict
     return data
 
 
+def measure_rounds(label: str, path: Path, runs: list[str], repeat: int, workdir: Path, profile: bool
+                   ) -> dict[str, Measured]:
+    """Every run ``repeat`` times, round-robin, each round starting one run later; medians per run."""
+    rounds: dict[str, list[Measured]] = {run: [] for run in runs}
+    for number in range(repeat):
+        for run in runs[number % len(runs) :] + runs[: number % len(runs)]:
+            prof = workdir / "rotate.prof" if profile and run == "rotate" else None
+            print(f"  {label}: {run} ...", flush=True)
+            one = measure(run, path, workdir / "out", prof)
+            rounds[run].append(one)
+            print(f"    {one.wall_s:.1f}s, peak RSS {one.peak_rss_bytes / 1e9:.2f} GB", flush=True)
+            if prof is not None:
+                print_profile(prof)
+    return {run: median_of(rounds[run]) for run in runs}
+
+
 def print_profile(path: Path, limit: int = 25) -> None:
     import pstats
 
@@ -564,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-synthetic", action="store_true", help="only the --smollm2 model")
     ap.add_argument("--build-only", action="store_true", help="build the synthetic model and stop")
     ap.add_argument("--profile", action="store_true", help="cProfile the rotate run and print the top entries")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of every run, round-robin; medians (default 1)")
     ap.add_argument("--json", type=Path, help="write the measurements here")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic model (default: delete at the end)")
     args = ap.parse_args(argv)
@@ -575,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(runs) - set(RUNS)
     if unknown:
         ap.error(f"unknown runs {sorted(unknown)}")
+    if args.repeat < 1:
+        ap.error("--repeat needs at least 1")
     args.workdir.mkdir(parents=True, exist_ok=True)
     models: list[tuple[str, Path]] = []
     if args.smollm2:
@@ -593,18 +631,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for label, path in models:
             size = model_bytes(path)
-            measured: dict[str, Measured] = {}
-            for run in runs:
-                profile = args.workdir / "rotate.prof" if args.profile and run == "rotate" else None
-                print(f"  {label}: {run} ...", flush=True)
-                measured[run] = measure(run, path, args.workdir / "out", profile)
-                print(
-                    f"    {measured[run].wall_s:.1f}s, peak RSS {measured[run].peak_rss_bytes / 1e9:.2f} GB", flush=True
-                )
-                if profile is not None:
-                    print_profile(profile)
+            measured = measure_rounds(label, path, runs, args.repeat, args.workdir, args.profile)
             files = sum(p.stat().st_size for p in model_files(path))
-            results.append(report(label, size, files, _external(path), measured))
+            rounds = f", median of {args.repeat} rounds" if args.repeat > 1 else ""
+            results.append(report(label + rounds, size, files, _external(path), measured))
     finally:
         if not args.keep and not args.no_synthetic:
             shutil.rmtree(synthetic.parent, ignore_errors=True)
