@@ -600,6 +600,25 @@ def _digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def test_sigterm_after_the_command_finished_exits_with_its_status(tmp_path: Path) -> None:
+    """A SIGTERM that lands after the command is done (output published, interpreter shutting down) ends
+    the program with the command's own status, not as killed by the signal (-15)."""
+    fixture = Path(__file__).resolve().parent.parent / "fixtures" / "llama_dynamo.onnx"
+    script = (
+        "import os, signal, sys, time\n"
+        f"sys.argv = ['spinquant-onnx', 'inspect', {str(fixture)!r}]\n"
+        "from spinquant_onnx.cli import main\n"
+        "code = main()\n"
+        "print('finished', code, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(30)\n"
+        "sys.exit(99)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "finished 0" in done.stdout, done.stderr
+    assert done.returncode == 0, (done.returncode, done.stderr)
+
+
 def test_killed_rotate_leaves_previous_output_or_none(tmp_path: Path) -> None:
     """SIGKILL at random moments of a ~135 MB run: OUT stays the previous complete version (or the new one).
 
