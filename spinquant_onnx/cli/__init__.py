@@ -7,8 +7,6 @@ traceback. The input is never modified and a failed run leaves no output behind.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import os
 import signal
 import sys
@@ -49,22 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is not threading.main_thread():
         return _run(args)
     previous = signal.signal(signal.SIGTERM, _interrupt)
-    code = 1  # what Python exits with if an exception escapes
     try:
-        code = _run(args)
-        return code
+        return _run(args)
     finally:
-        # As the program (no argv given), a SIGTERM after the command has finished (its output published,
-        # the interpreter shutting down) ends the process with the command's own status: exit 0 or 130,
-        # never a kill mid-teardown. Called from other code, the caller's handler comes back.
-        signal.signal(signal.SIGTERM, functools.partial(_exit_with, code) if argv is None else previous)
-
-
-def _exit_with(code: int, signum: int, frame: object) -> None:
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+        # As the program (no argv given), a SIGTERM after the command has finished (its output published, the
+        # interpreter shutting down) no longer changes the outcome: it is ignored, so the process ends with
+        # the command's own status (0 or 130), never -15. A Python handler would not do: finalization resets
+        # those to the default, ignored signals it leaves alone. Called from other code, the caller's handler
+        # comes back.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if argv is None else previous)
 
 
 def _run(args: argparse.Namespace) -> int:
