@@ -5,7 +5,7 @@
 factorization is fastest depends on BLAS's efficiency for each GEMM shape, not on flops alone. This
 script times each composition of P into power-of-two factors (4..64) for the two layouts a chunk has:
 ``row`` (the rotated axis contiguous: embedding rows, o/down outputs) and ``col`` (the rotated axis
-leading: q/k/v/gate/up inputs), on 1M-element float64 chunks (plan.CHUNK_ELEMENTS), BLAS single-threaded
+leading: q/k/v/gate/up inputs), on float64 chunks of plan.CHUNK_ELEMENTS (256K) elements, BLAS single-threaded
 as rotate runs it. Reports ns per element, best first, and the factors rotate uses.
 
 Usage::
