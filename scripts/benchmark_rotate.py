@@ -633,8 +633,8 @@ def main(argv: list[str] | None = None) -> int:
             size = model_bytes(path)
             measured = measure_rounds(label, path, runs, args.repeat, args.workdir, args.profile)
             files = sum(p.stat().st_size for p in model_files(path))
-            rounds = f", median of {args.repeat} rounds" if args.repeat > 1 else ""
-            results.append(report(label + rounds, size, files, _external(path), measured))
+            medians = f", median of {args.repeat} rounds" if args.repeat > 1 else ""
+            results.append(report(label + medians, size, files, _external(path), measured))
     finally:
         if not args.keep and not args.no_synthetic:
             shutil.rmtree(synthetic.parent, ignore_errors=True)
